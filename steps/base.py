@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, overload
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from steps.errors import UnknownStep
 
@@ -22,13 +22,23 @@ if TYPE_CHECKING:
 InstanceId = Annotated[str, StringConstraints(pattern=r"^i-[0-9a-f]{8}([0-9a-f]{9})?$")]
 Region = Annotated[str, StringConstraints(pattern=r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$")]
 RoleArn = Annotated[
-    str, StringConstraints(pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
+    str, StringConstraints(pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9_+=,.@/-]+$", max_length=600)
 ]
 AccessKeyId = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{16,128}$")]
+
+
+def _no_parent_segments(path: str) -> str:
+    if any(part in {".", ".."} for part in path.split("/")):
+        raise ValueError("a key path may not contain '.' or '..' segments")
+    return path
+
+
 KeyPath = Annotated[
-    str, StringConstraints(pattern=r"^(?!.*\.\.)[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$", max_length=512)
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$", max_length=512),
+    AfterValidator(_no_parent_segments),
 ]
-ExternalId = Annotated[str, StringConstraints(pattern=r"^[\w+=,.@:/-]{2,1224}$")]
+ExternalId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_+=,.@:/-]+$", min_length=2, max_length=1224)]
 S3Uri = Annotated[str, StringConstraints(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")]
 
 

@@ -1,0 +1,1 @@
+"""Steps for this product (being written)."""
