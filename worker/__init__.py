@@ -1,0 +1,1 @@
+"""The stepworker engine: settings, Celery app, runner, Redis store, credentials and interfaces."""
