@@ -1,1 +1,242 @@
-"""Steps for this product (being written)."""
+"""Amazon Athena: run a SQL query, follow its state, and page its rows into the step result."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Self
+
+from botocore.exceptions import ClientError
+from pydantic import Field, StringConstraints, model_validator
+
+from steps.base import AwsParams, Done, Outcome, Poll, S3Uri, Step, StepContext
+from steps.errors import RemoteFailed
+
+if TYPE_CHECKING:
+    from types_boto3_athena import AthenaClient
+    from types_boto3_athena.type_defs import QueryExecutionStatusTypeDef, QueryExecutionTypeDef, RowTypeDef
+
+RUNNING = frozenset({"QUEUED", "RUNNING"})
+FAILED = frozenset({"FAILED", "CANCELLED"})
+SUCCEEDED = frozenset({"SUCCEEDED"})
+
+PAGE_SIZE = 1000  # GetQueryResults' largest page
+BATCH_SIZE = 50  # BatchGetQueryExecution's largest batch
+NULL_TEXT = "Null Value"  # how the reference product shows SQL NULL in its log table
+CONSOLE_URL = (
+    "https://{region}.console.aws.amazon.com/athena/home?region={region}#/query-editor/history/{query_id}"
+)
+
+BucketName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+Sql = Annotated[str, StringConstraints(min_length=1, max_length=262_144, pattern=r"\S")]
+Row = list[str | None]
+
+
+def console_url(region: str, query_id: str) -> str:
+    """The Athena console page of one query execution (the link the reference product prints)."""
+    return CONSOLE_URL.format(region=region, query_id=query_id)
+
+
+def state_reason(status: QueryExecutionStatusTypeDef) -> str:
+    """Athena's reason for a state: StateChangeReason, plus AthenaError's message when it adds something."""
+    parts = (status.get("StateChangeReason", ""), status.get("AthenaError", {}).get("ErrorMessage", ""))
+    return "; ".join(dict.fromkeys(part for part in parts if part))
+
+
+def batch_states(client: AthenaClient, query_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """``{query_id: (state, reason)}`` for many queries, in one BatchGetQueryExecution call per 50 ids.
+
+    Ids Athena could not look up (``UnprocessedQueryExecutionIds``) are left out: check those one by one.
+    """
+    ids = list(dict.fromkeys(query_ids))
+    states: dict[str, tuple[str, str]] = {}
+    for start in range(0, len(ids), BATCH_SIZE):
+        response = client.batch_get_query_execution(QueryExecutionIds=ids[start : start + BATCH_SIZE])
+        for execution in response["QueryExecutions"]:
+            status = execution["Status"]
+            states[execution["QueryExecutionId"]] = (status["State"], state_reason(status))
+    return states
+
+
+def _values(row: RowTypeDef) -> Row:
+    return [datum.get("VarCharValue") for datum in row.get("Data", [])]
+
+
+@dataclass
+class _ResultPages:
+    """Feeds the result one GetQueryResults page at a time, keeping only a small preview in memory."""
+
+    ctx: StepContext
+    max_rows: int | None
+    preview_size: int
+    count: int = 0
+    truncated: bool = False
+    preview: list[Row] = field(default_factory=list)
+
+    def feed(self, rows: list[Row], more: bool) -> bool:
+        """Add one page of rows; False once the result is full (``truncated`` says whether rows were left)."""
+        room = rows if self.max_rows is None else rows[: self.max_rows - self.count]
+        self.preview.extend(room[: self.preview_size - len(self.preview)])
+        accepted = self.ctx.add_rows(room)
+        self.count += len(room)
+        capped = self.max_rows is not None and self.count >= self.max_rows
+        # The runner's cap may drop rows inside this page, so its refusal always means truncated.
+        self.truncated = not accepted or (capped and (more or len(room) < len(rows)))
+        return accepted and not capped
+
+
+class QueryAthena(Step):
+    """Run an Athena SQL query, poll until it finishes, and page its rows into the result."""
+
+    type = "athena.query"
+    title = "AWS / Athena / Query"
+    iam_actions = (
+        "athena:StartQueryExecution",
+        "athena:GetQueryExecution",
+        "athena:GetQueryResults",
+        "athena:StopQueryExecution",
+        "athena:BatchGetQueryExecution",
+    )
+
+    class Params(AwsParams):
+        """What to run and where Athena writes the full output."""
+
+        query: Sql = Field(description="The SQL query to make to the Athena database")
+        database: str | None = Field(
+            None,
+            min_length=1,
+            max_length=255,
+            description="The Athena database to query; leave blank when the query names its tables in full",
+        )
+        catalog: str = Field("AwsDataCatalog", min_length=1, max_length=256, description="Data catalog")
+        workgroup: str = Field("primary", pattern=r"^[a-zA-Z0-9._-]{1,128}$", description="Athena workgroup")
+        output_location: S3Uri | None = Field(
+            None, description="s3:// URI Athena writes the results to; blank uses the workgroup's setting"
+        )
+        bucket: BucketName | None = Field(
+            None, description="Shorthand for output_location s3://<bucket>/ (the reference product's field)"
+        )
+        max_rows: int | None = Field(
+            None, ge=1, description="Most rows to keep in the result; blank keeps up to the runner's cap"
+        )
+        preview_rows: int = Field(50, ge=0, le=1000, description="Rows shown in the step log")
+
+        @model_validator(mode="after")
+        def _one_location(self) -> Self:
+            if self.bucket is not None and self.output_location is not None:
+                raise ValueError("give output_location or bucket, not both")
+            return self
+
+        def start_request(self, token: str) -> dict[str, Any]:
+            """StartQueryExecution's arguments; Athena starts one query per ``token``."""
+            context = {"Catalog": self.catalog} | ({"Database": self.database} if self.database else {})
+            location = self.output_location or (f"s3://{self.bucket}/" if self.bucket else None)
+            request: dict[str, Any] = {
+                "QueryString": self.query,
+                "QueryExecutionContext": context,
+                "WorkGroup": self.workgroup,
+                "ClientRequestToken": token,
+            }
+            if location:
+                request["ResultConfiguration"] = {"OutputLocation": location}
+            return request
+
+    def run(self, ctx: StepContext, params: Params) -> Outcome:
+        """Start the query once; each later phase checks its state and pages the rows once it succeeded."""
+        query_id = ctx.state.get("query_id")
+        if query_id is None:
+            return self._start(ctx, params)
+        execution = ctx.client("athena").get_query_execution(QueryExecutionId=query_id)["QueryExecution"]
+        status = execution["Status"]
+        state = status["State"]
+        if state != ctx.state.get("last_state"):
+            text = f"Current status for fetching results is: {state}"
+            ctx.log.info("athena.status", query_id=query_id, state=state, message=text)
+        if state in FAILED:
+            raise self._failure(query_id, state, status)
+        if state in SUCCEEDED:
+            return Done(self._fetch(ctx, params, execution))
+        return Poll(state={"query_id": query_id, "last_state": state})
+
+    def cancel(self, ctx: StepContext, params: Params) -> None:
+        """Stop the query an earlier phase started; a query that already finished is left as it is."""
+        query_id = ctx.state.get("query_id")
+        if query_id is None:
+            return
+        try:
+            ctx.client("athena").stop_query_execution(QueryExecutionId=query_id)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") != "InvalidRequestException":
+                raise
+            ctx.log.info("athena.stop_skipped", query_id=query_id, reason=str(err))
+            return
+        ctx.log.info("athena.stopped", query_id=query_id)
+
+    def _start(self, ctx: StepContext, params: Params) -> Poll:
+        response = ctx.client("athena").start_query_execution(**params.start_request(ctx.token))
+        query_id = response["QueryExecutionId"]
+        ctx.checkpoint(query_id=query_id)
+        url = console_url(ctx.region, query_id)
+        text = f"Request successfully sent to Athena, see full results at {url}"
+        ctx.log.info("athena.started", query_id=query_id, console_url=url, message=text)
+        return Poll(state={"query_id": query_id})
+
+    @staticmethod
+    def _failure(query_id: str, state: str, status: QueryExecutionStatusTypeDef) -> RemoteFailed:
+        reason = state_reason(status) or "Athena gave no reason"
+        hint = "fix the query, its tables or the permissions" if state == "FAILED" else "run the step again"
+        message = (
+            f"Athena query {query_id} ended {state}: {reason}. Check it in the Athena console, then {hint}."
+        )
+        return RemoteFailed(message, code=state, resource_id=query_id)
+
+    def _fetch(self, ctx: StepContext, params: Params, execution: QueryExecutionTypeDef) -> Mapping[str, Any]:
+        query_id = execution["QueryExecutionId"]
+        pages = _ResultPages(ctx, params.max_rows, params.preview_rows)
+        columns = self._page_rows(ctx, query_id, pages)
+        output_location = execution.get("ResultConfiguration", {}).get("OutputLocation", "")
+        self._log_preview(ctx, params, columns, pages)
+        if pages.truncated:
+            ctx.log.warning(
+                "athena.truncated", query_id=query_id, row_count=pages.count, full_output=output_location
+            )
+        statistics = execution.get("Statistics", {})
+        return {
+            "query_id": query_id,
+            "state": execution["Status"]["State"],
+            "output_location": output_location,
+            "data_scanned_bytes": statistics.get("DataScannedInBytes", 0),
+            "engine_execution_time_ms": statistics.get("EngineExecutionTimeInMillis", 0),
+            "total_execution_time_ms": statistics.get("TotalExecutionTimeInMillis", 0),
+            "row_count": pages.count,
+            "truncated": pages.truncated,
+            "console_url": console_url(ctx.region, query_id),
+        }
+
+    @staticmethod
+    def _page_rows(ctx: StepContext, query_id: str, pages: _ResultPages) -> list[str]:
+        """Page every row into ``pages`` (header row skipped); returns the column names."""
+        paginator = ctx.client("athena").get_paginator("get_query_results")
+        columns: list[str] = []
+        responses = paginator.paginate(QueryExecutionId=query_id, PaginationConfig={"PageSize": PAGE_SIZE})
+        for number, page in enumerate(responses):
+            result_set = page["ResultSet"]
+            rows = [_values(row) for row in result_set.get("Rows", [])]
+            if number == 0:
+                columns = [c["Name"] for c in result_set.get("ResultSetMetadata", {}).get("ColumnInfo", [])]
+                ctx.set_columns(columns)
+                # SELECT results start with a header row that repeats the column names.
+                rows = rows[1:] if rows and rows[0] == columns else rows
+            if not pages.feed(rows, more=bool(page.get("NextToken"))):
+                break
+        return columns
+
+    @staticmethod
+    def _log_preview(ctx: StepContext, params: Params, columns: list[str], pages: _ResultPages) -> None:
+        if params.preview_rows == 0 or not columns:
+            return
+        size = params.preview_rows
+        text = f"Here are the first {size} rows of your query, visit the link above for the full output"
+        ctx.log.info("athena.preview", rows=len(pages.preview), message=text)
+        table = [[NULL_TEXT if value is None else value for value in row] for row in pages.preview]
+        ctx.log_table("Athena query results", columns, table)

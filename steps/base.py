@@ -110,6 +110,9 @@ class StepContext(Protocol):
     @property
     def region(self) -> str: ...
     @property
+    def credential_source(self) -> str:
+        """Where the credentials came from (``default-chain``, ``assumed-role:<arn>``, ...)."""
+    @property
     def log(self) -> StepLogger: ...
 
     def checkpoint(self, **state: Any) -> None:

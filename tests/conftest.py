@@ -50,6 +50,10 @@ def aws(moto_server: sandbox.Service, monkeypatch: pytest.MonkeyPatch) -> Iterat
     sandbox.moto_post(moto_server.url, "/moto-api/reset")
     for name, value in sandbox.moto_env(moto_server.url).items():
         monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
+    for name in (
+        "AWS_PROFILE",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    ):
         monkeypatch.delenv(name, raising=False)
     yield moto_server.url

@@ -20,11 +20,19 @@ from steps.base import Done, Poll, Step, StepParams
 class LocalContext:
     """A StepContext for tests: boto3 clients from the environment, rows and logs kept in lists."""
 
-    def __init__(self, *, region: str = "us-east-1", clients: Mapping[str, Any] | None = None,
-                 execution_id: str | None = None, step_index: int = 0, max_rows: int = 1_000_000) -> None:
+    def __init__(
+        self,
+        *,
+        region: str = "us-east-1",
+        clients: Mapping[str, Any] | None = None,
+        execution_id: str | None = None,
+        step_index: int = 0,
+        max_rows: int = 1_000_000,
+    ) -> None:
         self.execution_id = execution_id or uuid.uuid4().hex
         self.step_index = step_index
         self.region = region
+        self.credential_source = "default-chain"
         self.token = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.execution_id}:{step_index}"))
         self.state: dict[str, Any] = {}
         self.checkpoints: list[dict[str, Any]] = []
@@ -38,7 +46,9 @@ class LocalContext:
 
     def client(self, service: str) -> Any:
         if service not in self._clients:
-            client = boto3.client(service, region_name=self.region, config=Config(retries={"mode": "standard"}))
+            client = boto3.client(
+                service, region_name=self.region, config=Config(retries={"mode": "standard"})
+            )
             client.meta.events.register("before-call.*.*", self._record)
             self._clients[service] = client
         return self._clients[service]
@@ -65,8 +75,12 @@ class LocalContext:
         return len(self.rows) < self.max_rows
 
 
-def run_step(step: type[Step], params: Mapping[str, Any] | StepParams, ctx: LocalContext | None = None,
-             max_phases: int = 50) -> tuple[Done, LocalContext]:
+def run_step(
+    step: type[Step],
+    params: Mapping[str, Any] | StepParams,
+    ctx: LocalContext | None = None,
+    max_phases: int = 50,
+) -> tuple[Done, LocalContext]:
     """Run every phase of ``step`` at once (polls are not waited for) and return its Done."""
     ctx = ctx or LocalContext()
     model = params if isinstance(params, StepParams) else step.Params.model_validate(params)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     retention_seconds: int = Field(7 * 86400, ge=60, description="TTL of execution data in Redis")
     default_queue: str = Field("stepworker", pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
     visibility_timeout: int = Field(3600, ge=10, description="Broker visibility timeout, seconds")
+    broker_transport_options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra kombu Redis transport options (JSON), e.g. Sentinel master_name"
+    )
     poll_min_seconds: float = Field(1.0, gt=0, description="First poll delay")
     poll_max_seconds: float = Field(30.0, gt=0, description="Longest poll delay (backoff cap)")
     log_stream_maxlen: int = Field(10_000, ge=100, description="Approximate cap of one execution's log")

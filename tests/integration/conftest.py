@@ -1,0 +1,116 @@
+"""Real Celery worker processes against the private Redis and the moto server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from worker import sandbox
+from worker.dispatcher import Dispatcher
+from worker.settings import Settings, get_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _broker_env(redis_url: str) -> Iterator[None]:
+    """The test process publishes to the private Redis (its Celery app reads this once)."""
+    os.environ["STEPWORKER_REDIS_URL"] = redis_url
+    get_settings.cache_clear()
+    yield
+
+
+@dataclass
+class Stack:
+    """One test's Redis prefix and queue, its dispatcher, and the workers it started."""
+
+    redis_url: str
+    aws_url: str
+    prefix: str
+    queue: str
+    env: dict[str, str]
+    dispatcher: Dispatcher
+    client: redis.Redis
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    log_dir: Path = Path()
+
+    def start_worker(
+        self, *, concurrency: int = 2, queues: str | None = None, **env: str
+    ) -> subprocess.Popen[bytes]:
+        """Start ``stepworker worker`` as a real process (prefork pool)."""
+        name = f"w{len(self.workers)}-{self.prefix}"
+        log = (self.log_dir / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "worker.cli",
+                "worker",
+                "-Q",
+                queues or self.queue,
+                "-c",
+                str(concurrency),
+                "-n",
+                f"{name}@%h",
+                "-l",
+                "INFO",
+            ],
+            env={**self.env, **env},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.workers.append(proc)
+        return proc
+
+    def worker_logs(self) -> str:
+        """Everything the workers printed."""
+        return "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
+
+    def stop(self) -> None:
+        """Stop every worker (cold shutdown), killing any that hang."""
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGQUIT)
+        for proc in self.workers:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def stack(redis_url: str, aws: str, tmp_path: Path) -> Iterator[Stack]:
+    """A private prefix and queue on the test Redis, with a dispatcher; start workers with ``start_worker``."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    queue = f"q-{prefix}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("STEPWORKER_", "AWS_"))},
+        **sandbox.moto_env(aws),
+        "STEPWORKER_REDIS_URL": redis_url,
+        "STEPWORKER_KEY_PREFIX": prefix,
+        "STEPWORKER_DEFAULT_QUEUE": queue,
+        "STEPWORKER_POLL_MIN_SECONDS": "0.2",
+        "STEPWORKER_POLL_MAX_SECONDS": "2",
+        "PYTHONPATH": str(ROOT),
+    }
+    settings = Settings(
+        redis_url=redis_url, key_prefix=prefix, default_queue=queue, poll_min_seconds=0.2, poll_max_seconds=2
+    )
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    result = Stack(redis_url, aws, prefix, queue, env, Dispatcher(settings, client), client, log_dir=tmp_path)
+    try:
+        yield result
+    finally:
+        result.stop()
+        client.close()

@@ -1,0 +1,47 @@
+"""The one place that turns botocore exceptions into the step error hierarchy."""
+
+from __future__ import annotations
+
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, EndpointConnectionError
+
+from steps.errors import Permanent, StepError, Transient
+
+TRANSIENT_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "RequestLimitExceeded",
+    "TransactionInProgressException", "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
+    "InternalError", "InternalFailure", "InternalServerError", "InternalServerException", "ServiceUnavailable",
+    "ServiceUnavailableException", "ServerException", "SlowDown", "EC2ThrottledException",
+    "IDPCommunicationError", "LimitExceededException",
+})
+_HINTS = {
+    "AccessDenied": "grant the action to the principal shown in the step's credential source",
+    "AccessDeniedException": "grant the action to the principal shown in the step's credential source",
+    "UnauthorizedOperation": "grant the action to the principal shown in the step's credential source",
+    "AuthFailure": "check the access key id and secret in key storage",
+    "InvalidClientTokenId": "check the access key id and secret in key storage",
+    "ExpiredToken": "the credentials expired; check the role session duration",
+}
+
+
+def classify(exc: Exception) -> StepError:
+    """Map a botocore error to Transient (retry) or Permanent (fail), with a useful message."""
+    if isinstance(exc, StepError):
+        return exc
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", "Unknown"))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        operation = exc.operation_name
+        message = f"{operation} failed: {code}: {error.get('Message', '')}".rstrip(": ")
+        hint = _HINTS.get(code)
+        if hint:
+            message = f"{message} ({hint})"
+        if code in TRANSIENT_CODES or status >= 500 or status == 429:
+            return Transient(message, code=code)
+        return Permanent(message, code=code)
+    if isinstance(exc, EndpointConnectionError | ConnectionError):
+        return Transient(f"could not reach AWS: {exc}", code=type(exc).__name__)
+    if isinstance(exc, BotoCoreError):
+        return Permanent(f"AWS client error: {exc}", code=type(exc).__name__)
+    return Permanent(f"{type(exc).__name__}: {exc}", code="InternalError")

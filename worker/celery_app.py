@@ -1,0 +1,98 @@
+"""The Celery app: one task per step type, configured lazily from the settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import setup_logging, worker_process_init
+
+import steps
+from worker.settings import Settings, get_settings
+
+app = Celery("stepworker")
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for at-least-once delivery of short phase tasks on Redis."""
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        "health_check_interval": 30,
+        "socket_keepalive": True,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
+        **settings.broker_transport_options,
+    }
+    return {
+        "broker_url": settings.broker,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "visibility_timeout": settings.visibility_timeout,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "task_default_queue": settings.default_queue,
+        # A phase is one AWS call or two; these bound a hung call well below the visibility timeout.
+        "task_soft_time_limit": min(900, settings.visibility_timeout // 3),
+        "task_time_limit": min(960, settings.visibility_timeout // 3 + 60),
+        "worker_soft_shutdown_timeout": settings.soft_shutdown_timeout,
+        "worker_enable_soft_shutdown_on_idle": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    sender.conf.update(celery_config(get_settings()))
+
+
+def _run_phase(self: Task[Any, Any], execution_id: str, index: int, phase: int) -> None:
+    from worker.runner import current_runner  # noqa: PLC0415  (the runner imports this module)
+
+    current_runner().handle(execution_id, index, phase)
+
+
+for _name in steps.registry():
+    app.task(name=_name, bind=True, acks_late=True, reject_on_worker_lost=True)(_run_phase)
+
+
+def publish(step_type: str, execution_id: str, index: int, phase: int, *, queue: str, project: str,
+            countdown: float = 0.0, nudge: bool = False) -> None:
+    """Enqueue one phase of one step; the message carries ids only, never params.
+
+    A ``nudge`` is an extra, immediate copy of a waiting phase (used by cancel, so it need not
+    wait for the poll's countdown); the phase compare-and-set makes the copy harmless.
+    """
+    app.send_task(
+        step_type,
+        args=(execution_id, index, phase),
+        queue=queue,
+        countdown=countdown if countdown > 0 else None,
+        task_id=f"{execution_id}.{index}.{phase}" + (".nudge" if nudge else ""),
+        argsrepr=f"({execution_id!r}, {index}, {phase})",
+        kwargsrepr=f"{{'type': {step_type!r}, 'project': {project!r}}}",
+    )
+
+
+@setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    from worker import logging as worker_logging  # noqa: PLC0415
+
+    worker_logging.configure()
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    from worker.runner import current_runner  # noqa: PLC0415
+
+    current_runner.cache_clear()

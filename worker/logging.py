@@ -1,0 +1,74 @@
+"""structlog configuration, and the capture of step log lines for the execution's Redis Stream."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import structlog
+
+from worker import redaction
+
+_sink: ContextVar[list[dict[str, str]] | None] = ContextVar("stepworker_log_sink", default=None)
+_CONTEXT_KEYS = frozenset({"execution_id", "step_index", "step_type", "attempt", "phase", "logger", "level",
+                           "event", "timestamp", "project"})
+
+
+def _capture(_: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    sink = _sink.get()
+    if sink is not None and "step_index" in event_dict and event_dict.get("logger") != "stepworker.runner.quiet":
+        fields = {k: v for k, v in event_dict.items() if k not in _CONTEXT_KEYS}
+        sink.append({
+            "ts": f"{time.time():.6f}", "level": method, "step": str(event_dict["step_index"]),
+            "event": str(event_dict.get("event", "")), "fields": json.dumps(fields, default=str),
+        })
+    return event_dict
+
+
+@contextmanager
+def capture() -> Iterator[list[dict[str, str]]]:
+    """Collect the log lines emitted inside the block (for one phase of one step)."""
+    lines: list[dict[str, str]] = []
+    token = _sink.set(lines)
+    try:
+        yield lines
+    finally:
+        _sink.reset(token)
+
+
+def configure(*, json_output: bool | None = None, level: str = "INFO") -> None:
+    """Configure structlog and stdlib logging once: JSON when not on a TTY, console on a TTY."""
+    if json_output is None:
+        json_output = not sys.stderr.isatty()
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redaction.processor,
+    ]
+    renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    tail: list[Any] = [structlog.processors.dict_tracebacks] if json_output else []
+    structlog.configure(
+        processors=[*shared, _capture, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared, processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                                              *tail, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("botocore", "boto3", "urllib3", "kombu", "celery.worker.strategy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
