@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, overload
@@ -145,7 +146,7 @@ class StepContext(Protocol):
         """A boto3 client for the resolved credentials and region (cached per process)."""
 
 
-_REGISTRY: dict[str, type[Step]] = {}
+_REGISTRY: dict[str, builtins.type[Step]] = {}
 
 
 class Step:
@@ -154,7 +155,7 @@ class Step:
     type: ClassVar[str]
     title: ClassVar[str] = ""
     iam_actions: ClassVar[tuple[str, ...]] = ()
-    Params: ClassVar[type[StepParams]] = StepParams
+    Params: ClassVar[builtins.type[StepParams]] = StepParams
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -40,7 +40,7 @@ def _settable(tags: dict[str, str]) -> dict[str, str]:
     return tags
 
 
-def _ec2_id(prefix: str) -> Any:
+def _ec2_id(prefix: str) -> StringConstraints:
     return StringConstraints(pattern=rf"^{prefix}-[0-9a-f]{{8}}([0-9a-f]{{9}})?$")
 
 

@@ -279,12 +279,12 @@ class DataChannel:
         deadline = time.monotonic() + timeout
         with self._connect(timeout) as ws:
             self._ws = ws
-            ws.send(self._open_message())
-            while self._end is None:
-                try:
+            try:
+                ws.send(self._open_message())
+                while self._end is None:
                     self._turn(ws, deadline)
-                except ConnectionClosed as closed:
-                    self._end = SessionEnd("websocket", f"WebSocket closed ({closed})")
+            except ConnectionClosed as closed:
+                self._end = SessionEnd("websocket", f"WebSocket closed ({closed})")
         return self._end
 
     def _connect(self, timeout: float) -> ClientConnection:

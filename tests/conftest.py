@@ -45,7 +45,7 @@ def moto_server() -> Iterator[sandbox.Service]:
 
 
 @pytest.fixture
-def aws(moto_server: sandbox.Service, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def aws(moto_server: sandbox.Service, monkeypatch: pytest.MonkeyPatch) -> str:
     """Point botocore at a freshly reset moto server; yields its URL."""
     sandbox.moto_post(moto_server.url, "/moto-api/reset")
     for name, value in sandbox.moto_env(moto_server.url).items():
@@ -56,4 +56,4 @@ def aws(moto_server: sandbox.Service, monkeypatch: pytest.MonkeyPatch) -> Iterat
         "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
     ):
         monkeypatch.delenv(name, raising=False)
-    yield moto_server.url
+    return moto_server.url

@@ -46,10 +46,9 @@ class LocalContext:
 
     def client(self, service: str) -> Any:
         if service not in self._clients:
-            client = boto3.client(
-                service, region_name=self.region, config=Config(retries={"mode": "standard"})
-            )
-            client.meta.events.register("before-call.*.*", self._record)
+            session: Any = boto3.Session()
+            client = session.client(service, region_name=self.region, config=Config(retries={"mode": "standard"}))
+            client.meta.events.register("before-parameter-build.*.*", self._record)
             self._clients[service] = client
         return self._clients[service]
 
@@ -86,7 +85,7 @@ def run_step(
     model = params if isinstance(params, StepParams) else step.Params.model_validate(params)
     instance = step()
     for _ in range(max_phases):
-        outcome = instance.run(ctx, model)  # type: ignore[arg-type]
+        outcome = instance.run(ctx, model)
         if isinstance(outcome, Done):
             return outcome, ctx
         assert isinstance(outcome, Poll)

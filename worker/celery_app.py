@@ -43,8 +43,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_track_started": True,
         "task_default_queue": settings.default_queue,
         # A phase is one AWS call or two; these bound a hung call well below the visibility timeout.
-        "task_soft_time_limit": min(900, settings.visibility_timeout // 3),
-        "task_time_limit": min(960, settings.visibility_timeout // 3 + 60),
+        "task_soft_time_limit": min(960, settings.visibility_timeout // 3),
+        "task_time_limit": min(1020, settings.visibility_timeout // 3 + 60),
         "worker_soft_shutdown_timeout": settings.soft_shutdown_timeout,
         "worker_enable_soft_shutdown_on_idle": True,
         "worker_hijack_root_logger": False,

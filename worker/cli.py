@@ -191,10 +191,11 @@ def result_json(api: Dispatcher, view: ExecutionView) -> dict[str, Any]:
     """The ``result --json`` document (rows included for steps that have them)."""
     steps = []
     for step in view.steps:
-        item = {"name": step.name, "type": step.type, "status": str(step.status), "outputs": step.outputs,
-                "error": step.error, "started_at": step.started_at, "finished_at": step.finished_at,
-                "region": step.region, "credential_source": step.credential_source,
-                "principal_arn": step.principal_arn}
+        item: dict[str, Any] = {
+            "name": step.name, "type": step.type, "status": str(step.status), "outputs": step.outputs,
+            "error": step.error, "started_at": step.started_at, "finished_at": step.finished_at,
+            "region": step.region, "credential_source": step.credential_source, "principal_arn": step.principal_arn,
+        }
         if step.columns:
             item.update(columns=step.columns, rows=list(api.rows(view.id, step.index)), truncated=step.truncated)
         steps.append(item)
@@ -279,7 +280,8 @@ def steps(ctx: click.Context, as_json: bool) -> None:
 
     catalog = sorted(registry().items())
     if as_json:
-        click.echo(json.dumps([{"type": n, "title": c.title, "description": c.describe()} for n, c in catalog]))
+        listing = [{"type": n, "title": c.title, "description": c.describe()} for n, c in catalog]
+        click.echo(json.dumps(listing))
         return
     output.table(["type", "title", "description"], [[n, c.title, c.describe()] for n, c in catalog])
 
@@ -297,7 +299,7 @@ def steps_show(step_type: str, as_json: bool) -> None:
         step_cls = get_step(step_type)
     except UnknownStep as exc:
         raise JobInvalid([("TYPE", exc.message)]) from None
-    doc = {"type": step_type, "title": step_cls.title, "description": (step_cls.__doc__ or "").strip(),
+    doc: dict[str, Any] = {"type": step_type, "title": step_cls.title, "description": (step_cls.__doc__ or "").strip(),
            "iam_actions": list(step_cls.iam_actions), "params": step_cls.Params.model_json_schema()}
     if as_json:
         click.echo(json.dumps(doc, indent=2))

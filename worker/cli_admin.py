@@ -1,7 +1,7 @@
 """Admin commands of ``stepworker``: ``project``, ``keys`` and ``doctor``.
 
 Exit codes: 0 done; 1 not found, or stored data that cannot be read, or doctor found a problem;
-2 invalid input or configuration (nothing was changed).
+2 invalid input or configuration (nothing was changed); 3 Redis could not be reached.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _HINTS: Mapping[str, str] = {
 }
 # Stored data that exists but cannot be read is not the caller's input error.
 _UNREADABLE_CODES = frozenset({"MasterKeyMismatch", "KeyUndecryptable", "KeyDamaged", "KeyUnreadable"})
-_NOT_FOUND_HELP = "Exit codes: 0 done, 1 not found, 2 invalid input (nothing changed)."
+_NOT_FOUND_HELP = "Exit codes: 0 done, 1 not found, 2 invalid input (nothing changed), 3 Redis unreachable."
 
 
 class Unavailable(click.ClickException):
@@ -50,6 +50,12 @@ class Invalid(click.ClickException):
     """Invalid input or configuration, nothing changed: ``Error: ...`` and exit 2."""
 
     exit_code = 2
+
+
+class Unreachable(click.ClickException):
+    """Redis could not be reached: exit 3, as the rest of the ``stepworker`` CLI."""
+
+    exit_code = 3
 
 
 def _failure(message: str, exit_code: int) -> click.ClickException:
@@ -83,6 +89,8 @@ def _handled() -> Iterator[None]:
         yield
     except ValidationError as err:
         raise Invalid(explain(err)) from None
+    except redis.ConnectionError as err:
+        raise Unreachable(f"cannot reach Redis: {err} (check STEPWORKER_REDIS_URL)") from None
     except (StepError, ValueError, LookupError) as err:
         message = err.args[0] if isinstance(err, LookupError) and err.args else str(err)
         raise _failure(str(message), _exit_code(err)) from None
@@ -296,7 +304,9 @@ def keys_rotate_master(new_key_file: Path | None) -> None:
 # ---------------------------------------------------------------------------------------------- doctor
 
 
-@click.command(epilog="Exit codes: 0 credentials work, 1 they do not (the reason is printed), 2 bad input.")
+@click.command(
+    epilog="Exit codes: 0 credentials work, 1 they do not (the reason is printed), 2 bad input, 3 Redis unreachable."
+)
 @click.option("--project", "project_name", help="Resolve as a step of this project would")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON")
 def doctor(project_name: str | None, as_json: bool) -> None:
@@ -305,7 +315,8 @@ def doctor(project_name: str | None, as_json: bool) -> None:
     with _handled():
         if project_name is not None:
             check_name(project_name)
-    report = diagnose(settings, _redis(settings), project_name)
+    with _handled():
+        report = diagnose(settings, _redis(settings), project_name)
     if as_json:
         _print_json(report)
     elif report["ok"]:

@@ -166,12 +166,18 @@ def _first(layers: _Layers, name: str) -> tuple[Any, Layer | None]:
     return next(((values[name], layer) for layer, values in layers if name in values), (None, None))
 
 
+def _step_problems(values: dict[str, Any]) -> list[tuple[str, str]]:
+    # A step may set half of the access-key pair (the other half comes from a lower layer), not so a role.
+    if "external_id" in values and "role_arn" not in values:
+        return [("external_id", "is set without role_arn (an external id belongs to its role)")]
+    return []
+
+
 def _check_layers(layers: _Layers) -> None:
     for layer, values in layers:
-        problems = layer_problems(values) if layer != "step" else []
-        if layer == "step" and "external_id" in values and "role_arn" not in values:
-            problems = [("external_id", "is set without role_arn (an external id belongs to its role)")]
-        for name, reason in problems[:1]:
+        problems = _step_problems(values) if layer == "step" else layer_problems(values)
+        if problems:
+            name, reason = problems[0]
             raise ConfigError(f"{name} {reason} (in the {layer} layer)", field=name, layer=layer)
 
 
@@ -189,8 +195,7 @@ def _credentials(layers: _Layers) -> tuple[ProviderName, str | None, str | None,
     for name, found in (("access_key_id", key_id), ("secret_key_path", key_path)):
         if found is None:
             raise ConfigError(
-                f"{name} is needed for access-key credentials (chosen in the {layer} layer)"
-                " but no layer sets it",
+                f"{name} is needed for access-key credentials (chosen in the {layer} layer) but no layer sets it",
                 field=name,
                 layer=layer,
             )
@@ -241,15 +246,11 @@ class _Given(CredentialProvider):
         return self._credentials
 
 
-def _default_chain(
-    session: botocore.session.Session, config: AwsConfig, keys: KeyReader
-) -> Credentials | None:
+def _default_chain(session: botocore.session.Session, config: AwsConfig, keys: KeyReader) -> Credentials | None:
     return create_credential_resolver(session, region_name=config.region).load_credentials()
 
 
-def _instance_role(
-    session: botocore.session.Session, config: AwsConfig, keys: KeyReader
-) -> Credentials | None:
+def _instance_role(session: botocore.session.Session, config: AwsConfig, keys: KeyReader) -> Credentials | None:
     imds_config = {
         "ec2_metadata_service_endpoint": session.get_config_variable("ec2_metadata_service_endpoint"),
         "ec2_metadata_service_endpoint_mode": resolve_imds_endpoint_mode(session),
@@ -327,9 +328,7 @@ def _assume(
 class AwsAccess:
     """One resolved configuration's botocore session, credentials and clients, shared by a worker process."""
 
-    def __init__(
-        self, config: AwsConfig, session: boto3.Session, credentials: Credentials, region: str
-    ) -> None:
+    def __init__(self, config: AwsConfig, session: boto3.Session, credentials: Credentials, region: str) -> None:
         self.config = config
         self.session = session
         self.region = region

@@ -58,7 +58,8 @@ def demo_job(instances: list[str]) -> dict[str, Any]:
 def worker_process(log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A real worker process, stopped at the end."""
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "-c", "2", "-l", os.environ.get("STEPWORKER_DEMO_LOGLEVEL", "WARNING")],
+        level = os.environ.get("STEPWORKER_DEMO_LOGLEVEL", "WARNING")
+        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "-c", "2", "-l", level],
                                 env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
         try:
             yield proc

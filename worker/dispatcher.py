@@ -166,7 +166,7 @@ class Dispatcher:
             view = self.status(execution_id)
             if view.status.terminal or (deadline is not None and time.monotonic() >= deadline):
                 return view
-            reply = self.client.xread({self.store.keys.events: cursor}, count=1000, block=500)
+            reply: Any = self.client.xread({self.store.keys.events: cursor}, count=1000, block=500)
             if reply:
                 cursor = reply[0][1][-1][0]
 

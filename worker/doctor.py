@@ -20,17 +20,6 @@ if TYPE_CHECKING:
 EXECUTION_ID = "doctor"
 
 
-class _KeysOnDemand:
-    """Opens key storage only if the configuration reads a secret, as a worker does."""
-
-    def __init__(self, settings: Settings, redis_client: redis.Redis) -> None:
-        self._settings = settings
-        self._redis = redis_client
-
-    def read(self, path: str) -> str:
-        return open_keystore(self._settings, self._redis).read(path)
-
-
 def _project(settings: Settings, redis_client: redis.Redis, name: str | None) -> ProjectConfig | None:
     if name is None:
         return None
@@ -60,7 +49,7 @@ def diagnose(settings: Settings, redis_client: redis.Redis, project: str | None)
     try:
         config = resolve(None, _project(settings, redis_client, project), settings)
         report.update(config.describe())
-        report.update(_probe(config, _KeysOnDemand(settings, redis_client)))
+        report.update(_probe(config, open_keystore(settings, redis_client)))
     except (StepError, LookupError, ValueError, BotoCoreError, ClientError) as err:
         report["error"] = f"{type(err).__name__}: {err}"
         return report

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,9 +156,7 @@ def master_key_from(settings: Settings) -> bytes | None:
     try:
         text = settings.keystore_key_file.read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as err:
-        raise MasterKeyError(
-            f"cannot read {where}: {type(err).__name__}", code="MasterKeyUnreadable"
-        ) from None
+        raise MasterKeyError(f"cannot read {where}: {type(err).__name__}", code="MasterKeyUnreadable") from None
     return parse_master_key(text, where)
 
 
@@ -197,9 +196,7 @@ class _Sealer:
                 resource_id=path,
             )
         try:
-            plain = self._aead.decrypt(
-                _unb64(record["nonce"]), _unb64(record["ct"]), _AAD_PREFIX + path.encode()
-            )
+            plain = self._aead.decrypt(_unb64(record["nonce"]), _unb64(record["ct"]), _AAD_PREFIX + path.encode())
             return plain.decode()
         except (InvalidTag, KeyError, TypeError, ValueError):
             raise KeyUnreadable(
@@ -233,15 +230,20 @@ def _check_value(path: str, value: str) -> str:
 class RedisKeyStore:
     """Encrypted values in one Redis hash; reading and writing need the master key, listing does not."""
 
-    def __init__(self, redis_client: redis.Redis, keys: Keys, master: bytes | None) -> None:
+    def __init__(
+        self, redis_client: redis.Redis, keys: Keys, master: bytes | Callable[[], bytes | None] | None
+    ) -> None:
+        """``master`` may be a callable, read on first need: a step that reads no secret never fails on it."""
         self._redis = redis_client
         self._key = keys.keystore
-        self._sealer = None if master is None else _Sealer(master)
+        self._master = master
+        self._sealer: _Sealer | None = None
 
     @property
     def master_key_id(self) -> str | None:
         """The id of this store's master key (None without one)."""
-        return None if self._sealer is None else self._sealer.kid
+        sealer = self._loaded()
+        return None if sealer is None else sealer.kid
 
     def read(self, path: str) -> str:
         """The decrypted value at ``path``."""
@@ -294,15 +296,22 @@ class RedisKeyStore:
         self._sealer = new
         return count[0]
 
+    def _loaded(self) -> _Sealer | None:
+        if self._sealer is None and self._master is not None:
+            master = self._master() if callable(self._master) else self._master
+            self._sealer = None if master is None else _Sealer(master)
+        return self._sealer
+
     def _require_sealer(self, path: str) -> _Sealer:
-        if self._sealer is None:
+        sealer = self._loaded()
+        if sealer is None:
             where = f" to use key storage path {path!r}" if path else ""
             raise MasterKeyError(
                 f"no master key{where}: set STEPWORKER_KEYSTORE_KEY or STEPWORKER_KEYSTORE_KEY_FILE",
                 code="MasterKeyMissing",
                 resource_id=path,
             )
-        return self._sealer
+        return sealer
 
 
 def _text(value: Any) -> str | None:
@@ -400,7 +409,10 @@ class DirectoryKeyStore:
 
 
 def open_keystore(settings: Settings, redis_client: redis.Redis) -> KeyStore:
-    """The key storage the settings select: the directory backend when set, else Redis with the master key."""
+    """The key storage the settings select: the directory backend when set, else Redis with the master key.
+
+    Cheap and lazy: the master key is read (and checked) when a value is first read or written.
+    """
     if settings.keystore_dir is not None:
         return DirectoryKeyStore(settings.keystore_dir)
-    return RedisKeyStore(redis_client, Keys(settings.key_prefix), master_key_from(settings))
+    return RedisKeyStore(redis_client, Keys(settings.key_prefix), functools.partial(master_key_from, settings))

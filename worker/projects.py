@@ -43,9 +43,7 @@ def layer_problems(values: dict[str, Any]) -> list[tuple[str, str]]:
     elif provider == "access-key" and not key_id:
         problems.append(("access_key_id", "is required by credential_provider 'access-key'"))
     elif key_id and not key_path:
-        problems.append(
-            ("secret_key_path", "is required with access_key_id (the key storage path of its secret)")
-        )
+        problems.append(("secret_key_path", "is required with access_key_id (the key storage path of its secret)"))
     elif key_path and not key_id:
         problems.append(("access_key_id", "is required with secret_key_path"))
     return problems

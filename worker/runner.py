@@ -131,7 +131,7 @@ class Runner:
                 log.info("step.started", name=record.get("name"), queue=record.get("queue"))
             outcome = step.run(ctx, params)
             ctx.flush_rows()
-        except Exception as exc:  # noqa: BLE001  (every failure must end as a recorded status)
+        except Exception as exc:  # (every failure must end as a recorded status)
             return self._failure(exc, ctx.state if ctx else state, attempts, int(record.get("retries", 0)))
         if isinstance(outcome, Done):
             return End(Status.SUCCEEDED, outputs=outcome.outputs, audit=self._audit(ctx, aws))
@@ -155,7 +155,7 @@ class Runner:
             try:
                 step.cancel(ctx, params)
                 log.info("step.stopped", reason=reason)
-            except Exception as exc:  # noqa: BLE001  (a failed stop is reported, the step still ends)
+            except Exception as exc:  # (a failed stop is reported, the step still ends)
                 log.warning("step.stop_failed", error=classify(exc).message)
         error = {"kind": status.name.title().replace("_", ""), "message": reason, "code": str(status),
                  "resource_id": ""}
@@ -192,7 +192,7 @@ class Runner:
             audit.update(region=aws.region, credential_source=aws.credential_source)
             try:
                 audit["principal_arn"] = aws.principal_arn()
-            except Exception as exc:  # noqa: BLE001  (the audit must not fail a finished step)
+            except Exception as exc:  # (the audit must not fail a finished step)
                 quiet.warning("principal.unknown", error=classify(exc).message)
         return audit
 

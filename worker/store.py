@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis
 
@@ -215,7 +215,7 @@ class Store:
 
     def step_record(self, execution_id: str, index: int) -> dict[str, str]:
         """One step's raw record."""
-        return dict(self.client.hgetall(self.keys.step(execution_id, index)))
+        return cast(dict[str, str], self.client.hgetall(self.keys.step(execution_id, index)))
 
     # -- logs, rows, events ----------------------------------------------------------------
 
@@ -227,7 +227,8 @@ class Store:
         key = self.keys.logs(execution_id)
         count = 0
         for entry in entries:
-            pipe.xadd(key, dict(entry), maxlen=self.log_maxlen, approximate=True)
+            fields: dict[Any, Any] = dict(entry)
+            pipe.xadd(key, fields, maxlen=self.log_maxlen, approximate=True)
             count += 1
         if count:
             pipe.expire(key, self.retention)
@@ -255,7 +256,7 @@ class Store:
 
     def execution(self, execution_id: str) -> ExecutionView | None:
         """An execution with all its steps, or None if unknown or expired."""
-        record = self.client.hgetall(self.keys.execution(execution_id))
+        record = cast(dict[str, str], self.client.hgetall(self.keys.execution(execution_id)))
         if not record:
             return None
         pipe = self.client.pipeline(transaction=False)
@@ -272,17 +273,18 @@ class Store:
     def execution_ids(self, project: str | None, limit: int) -> list[str]:
         """The newest execution ids, of one project or of all."""
         key = self.keys.by_project(project) if project else self.keys.all_executions
-        return list(self.client.zrevrange(key, 0, limit - 1))
+        return cast(list[str], self.client.zrevrange(key, 0, limit - 1))
 
     def read_logs(self, execution_id: str, after: str = "0-0", block_ms: int | None = None,
                   count: int = 500) -> list[LogEntry]:
         """Log entries after stream id ``after``; with ``block_ms`` waits for new ones."""
         key = self.keys.logs(execution_id)
+        raw: Any
         if block_ms is None:
             raw = self.client.xrange(key, min=f"({after}", count=count) if after != "0-0" else \
                 self.client.xrange(key, count=count)
         else:
-            reply = self.client.xread({key: after}, count=count, block=block_ms)
+            reply: Any = self.client.xread({key: after}, count=count, block=block_ms)
             raw = reply[0][1] if reply else []
         return [_log_entry(entry_id, fields) for entry_id, fields in raw]
 

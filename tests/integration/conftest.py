@@ -22,11 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _broker_env(redis_url: str) -> Iterator[None]:
+def _broker_env(redis_url: str) -> None:
     """The test process publishes to the private Redis (its Celery app reads this once)."""
     os.environ["STEPWORKER_REDIS_URL"] = redis_url
     get_settings.cache_clear()
-    yield
 
 
 @dataclass

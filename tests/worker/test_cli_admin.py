@@ -34,9 +34,7 @@ def master() -> str:
 
 
 @pytest.fixture
-def env(
-    redis_url: str, redis_client: redis.Redis, master: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[None]:
+def env(redis_url: str, redis_client: redis.Redis, master: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name, value in {
         "STEPWORKER_REDIS_URL": redis_url,
         "STEPWORKER_KEY_PREFIX": "t",
@@ -144,12 +142,8 @@ BAD_PROJECT_SETS = [
 
 
 @pytest.mark.usefixtures("env")
-@pytest.mark.parametrize(
-    ("args", "words"), BAD_PROJECT_SETS, ids=[" ".join(a[0:3]) for a, _ in BAD_PROJECT_SETS]
-)
-def test_project_bad_input_exits_2_and_changes_nothing(
-    args: list[str], words: list[str], raw: redis.Redis
-) -> None:
+@pytest.mark.parametrize(("args", "words"), BAD_PROJECT_SETS, ids=[" ".join(a[0:3]) for a, _ in BAD_PROJECT_SETS])
+def test_project_bad_input_exits_2_and_changes_nothing(args: list[str], words: list[str], raw: redis.Redis) -> None:
     assert (
         run(
             project,
@@ -256,9 +250,7 @@ def test_keys_rm_missing_exits_1() -> None:
     assert "aws/none" in result.stderr
 
 
-def test_keys_put_without_master_key_exits_2(
-    redis_url: str, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_keys_put_without_master_key_exits_2(redis_url: str, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STEPWORKER_REDIS_URL", redis_url)
     monkeypatch.setenv("STEPWORKER_KEY_PREFIX", "t")
     monkeypatch.delenv("STEPWORKER_KEYSTORE_KEY", raising=False)
@@ -269,7 +261,8 @@ def test_keys_put_without_master_key_exits_2(
         assert snapshot(raw) == before
         monkeypatch.setenv("STEPWORKER_KEYSTORE_KEY", "garbage")
         get_settings.cache_clear()
-        refused(run(keys, "list"), "STEPWORKER_KEYSTORE_KEY is not")
+        refused(run(keys, "put", "aws/x", stdin="value"), "STEPWORKER_KEYSTORE_KEY is not")
+        assert run(keys, "list").exit_code == 0  # listing needs no master key
     finally:
         get_settings.cache_clear()
 
@@ -286,9 +279,7 @@ def test_rotate_master_from_file_and_stdin(
     result = run(keys, "rotate-master", "--new-key-file", str(key_file))
     assert result.exit_code == 0, result.output
     assert "re-encrypted 5 value(s)" in result.stdout
-    assert [keystore(redis_client, second).read(f"k/{i}") for i in range(5)] == [
-        f"value-{i}" for i in range(5)
-    ]
+    assert [keystore(redis_client, second).read(f"k/{i}") for i in range(5)] == [f"value-{i}" for i in range(5)]
     # The next rotation runs with the second key as the current one, new key on stdin
     monkeypatch.setenv("STEPWORKER_KEYSTORE_KEY", second)
     get_settings.cache_clear()
@@ -412,3 +403,27 @@ def test_diagnose_resolves_like_a_worker(aws: str, redis_client: redis.Redis) ->
     assert report["sources"]["region"] == "project"
     assert report["principal_arn"].startswith("arn:aws:sts::123456789012:assumed-role/ops/")
     credentials.clear_cache()
+
+
+@pytest.mark.parametrize(
+    ("command", "args"),
+    [
+        (project, ["list"]),
+        (project, ["set", "ops", "--region", "eu-west-1"]),
+        (keys, ["list"]),
+        (keys, ["put", "a/b"]),
+        (doctor, ["--project", "ops"]),
+    ],
+)
+def test_unreachable_redis_exits_3(command: click.Command, args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.sandbox import free_port
+
+    monkeypatch.setenv("STEPWORKER_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("STEPWORKER_KEYSTORE_KEY", new_master_key())
+    get_settings.cache_clear()
+    try:
+        result = run(command, *args, stdin="value")
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 3, result.output
+    assert "cannot reach Redis" in result.stderr

@@ -116,9 +116,7 @@ P = "project"
 Y = "system"
 
 # (case, step params, project config, system settings, expected AwsConfig fields or error (field, layer))
-CASES: list[
-    tuple[str, dict[str, Any], dict[str, Any] | None, dict[str, Any], dict[str, Any] | tuple[str, str]]
-] = [
+CASES: list[tuple[str, dict[str, Any], dict[str, Any] | None, dict[str, Any], dict[str, Any] | tuple[str, str]]] = [
     ("nothing set: botocore decides", {}, None, {}, {"region": None, "provider": "default", "roles": ()}),
     ("region from system", {}, None, {"aws_region": "eu-west-1"}, {"region": "eu-west-1"}),
     (
@@ -368,9 +366,7 @@ def test_resolve_any_combination_is_a_config_or_a_config_error(
     step: dict[str, Any], layer: dict[str, Any], use_project: bool
 ) -> None:
     project, sys_values = (
-        (layer, {})
-        if use_project
-        else ({}, {"aws_region" if k == "region" else k: v for k, v in layer.items()})
+        (layer, {}) if use_project else ({}, {"aws_region" if k == "region" else k: v for k, v in layer.items()})
     )
     try:
         project_config = ProjectConfig(**project) if use_project else None
@@ -459,9 +455,7 @@ def test_ec2_without_metadata_service_is_a_clear_error(aws: str) -> None:
 def test_ecs_task_role_from_container_endpoint(container: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    acc = access(
-        resolve(None, ProjectConfig(credential_provider="ecs"), system()), execution_id="E1", keys=DictKeys()
-    )
+    acc = access(resolve(None, ProjectConfig(credential_provider="ecs"), system()), execution_id="E1", keys=DictKeys())
     sent = signed_calls(acc)
     acc.principal_arn()
     assert sent.of("GetCallerIdentity")[0][1] == "test-key"
@@ -510,9 +504,7 @@ def test_ecs_sends_the_container_authorization_token(aws: str, monkeypatch: pyte
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        monkeypatch.setenv(
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI", f"http://127.0.0.1:{server.server_port}/creds"
-        )
+        monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", f"http://127.0.0.1:{server.server_port}/creds")
         monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", _TaskRoleEndpoint.token)
         config = resolve(None, None, system(credential_provider="ecs", aws_region="us-east-1"))
         for i in range(20):
@@ -561,17 +553,13 @@ ROLE_ON_TOP = [
 
 
 @pytest.mark.usefixtures("imds", "container")
-@pytest.mark.parametrize(
-    ("project_values", "base_key"), [r[1:] for r in ROLE_ON_TOP], ids=[r[0] for r in ROLE_ON_TOP]
-)
+@pytest.mark.parametrize(("project_values", "base_key"), [r[1:] for r in ROLE_ON_TOP], ids=[r[0] for r in ROLE_ON_TOP])
 def test_role_assumed_on_top_of_each_provider(
     project_values: dict[str, str], base_key: str, key_storage: RedisKeyStore
 ) -> None:
     key_storage.put("aws/k", "x" * 40)
     project = ProjectConfig(**project_values, role_arn=ROLE_A, external_id="ext-a")
-    acc = access(
-        resolve(None, project, system(aws_region="us-east-1")), execution_id="01EXEC", keys=key_storage
-    )
+    acc = access(resolve(None, project, system(aws_region="us-east-1")), execution_id="01EXEC", keys=key_storage)
     sent = signed_calls(acc)
     assert acc.principal_arn() == "arn:aws:sts::123456789012:assumed-role/project-role/stepworker-01EXEC"
     [assume] = sent.of("AssumeRole")
@@ -663,9 +651,7 @@ def test_access_key_secret_is_read_once(aws: str) -> None:
             return super().read(path)
 
     keys = Counting({"aws/k": "y" * 40})
-    config = resolve(
-        None, None, system(aws_region="us-east-1", access_key_id=KEY_ID, secret_key_path="aws/k")
-    )
+    config = resolve(None, None, system(aws_region="us-east-1", access_key_id=KEY_ID, secret_key_path="aws/k"))
     for i in range(20):
         access(config, execution_id=f"E{i}", keys=keys).client("sts")
     assert reads == ["aws/k"]
@@ -676,9 +662,7 @@ def test_clients_carry_standard_retries_and_the_stepworker_user_agent(aws: str) 
     client = acc.client("sts")
     assert client.meta.config.retries == {"mode": "standard"}  # type: ignore[attr-defined]
     agents: list[str] = []
-    client.meta.events.register(
-        "before-send", lambda request, **_: agents.append(request.headers["User-Agent"])
-    )
+    client.meta.events.register("before-send", lambda request, **_: agents.append(request.headers["User-Agent"]))
     client.get_caller_identity()
     assert "stepworker/" in str(agents[0])
     assert client.meta.endpoint_url == aws  # AWS_ENDPOINT_URL, read by botocore itself

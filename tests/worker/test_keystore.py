@@ -66,9 +66,7 @@ def test_new_master_key_is_32_urlsafe_bytes() -> None:
     assert new_master_key() != key
 
 
-@pytest.mark.parametrize(
-    "text", ["", "short", base64.urlsafe_b64encode(b"x" * 16).decode(), "!!!not base64!!!"]
-)
+@pytest.mark.parametrize("text", ["", "short", base64.urlsafe_b64encode(b"x" * 16).decode(), "!!!not base64!!!"])
 def test_malformed_master_keys_are_refused(text: str) -> None:
     with pytest.raises(MasterKeyError, match="new-master"):
         parse_master_key(text)
@@ -159,8 +157,7 @@ def test_rotate_keeps_every_value(redis_client: redis.Redis) -> None:
     with pytest.raises(MasterKeyError):
         store(redis_client, old).read("db/password")
     assert all(
-        json.loads(v)["kid"] == key_id(parse_master_key(new))
-        for v in redis_client.hgetall("t:keystore").values()
+        json.loads(v)["kid"] == key_id(parse_master_key(new)) for v in redis_client.hgetall("t:keystore").values()
     )
 
 
@@ -225,6 +222,18 @@ def test_master_key_from_settings(tmp_path: Path) -> None:
 def test_open_keystore_picks_the_backend(redis_client: redis.Redis, tmp_path: Path) -> None:
     assert isinstance(open_keystore(system(keystore_key=new_master_key()), redis_client), RedisKeyStore)
     assert isinstance(open_keystore(system(keystore_dir=tmp_path), redis_client), DirectoryKeyStore)
+
+
+def test_open_keystore_reads_the_master_key_only_when_a_value_is_touched(redis_client: redis.Redis) -> None:
+    keys = open_keystore(system(keystore_key="garbage"), redis_client)  # a worker whose steps read no secret
+    assert keys.list() == []
+    with pytest.raises(MasterKeyError, match="STEPWORKER_KEYSTORE_KEY is not"):
+        keys.read("aws/x")
+    master = new_master_key()
+    good = open_keystore(system(keystore_key=master), redis_client)
+    good.put("aws/x", "value-1")
+    assert isinstance(good, RedisKeyStore)
+    assert good.master_key_id == key_id(parse_master_key(master))
 
 
 # ------------------------------------------------------------------------------------------ directory backend
