@@ -23,22 +23,12 @@ _NAME = r"[A-Za-z0-9_-]{1,255}"
 ClusterRef = Annotated[str, StringConstraints(pattern=rf"^({_ARN}:cluster/)?{_NAME}$")]
 ServiceName = Annotated[str, StringConstraints(pattern=rf"^{_NAME}$")]
 Family = Annotated[str, StringConstraints(pattern=rf"^{_NAME}$")]
-TaskRef = Annotated[
-    str,
-    StringConstraints(
-        pattern=rf"^({_ARN}:task/({_NAME}/)?)?([0-9a-f]{{32}}|[0-9a-f]{{8}}(-[0-9a-f]{{4}}){{3}}-[0-9a-f]{{12}})$"
-    ),
-]
+_TASK_ID = r"([0-9a-f]{32}|[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12})"  # current ids, or the older UUIDs
+TaskRef = Annotated[str, StringConstraints(pattern=rf"^({_ARN}:task/({_NAME}/)?)?{_TASK_ID}$")]
 
 STOPPED_TASK_COLUMNS = (
-    "task_arn",
-    "task_definition",
-    "stopped_at",
-    "stop_code",
-    "stopped_reason",
-    "container",
-    "exit_code",
-    "container_reason",
+    *("task_arn", "task_definition", "stopped_at", "stop_code", "stopped_reason"),
+    *("container", "exit_code", "container_reason"),
 )
 DESCRIBE_BATCH = 100  # DescribeTasks takes at most 100 tasks
 MAX_SINCE = timedelta(days=366)
@@ -90,9 +80,7 @@ class StopTasks(Step):
 
     class Params(AwsParams):
         cluster: ClusterRef = Field(description="Cluster name or ARN")
-        task_ids: list[TaskRef] | None = Field(
-            None, min_length=1, max_length=100, description="Task ids or ARNs"
-        )
+        task_ids: list[TaskRef] | None = Field(None, min_length=1, max_length=100, description="Task ids or ARNs")
         service: ServiceName | None = Field(None, description="Or stop every RUNNING task of this service")
         max_tasks: int = Field(10, ge=1, le=1000, description="Refuse to stop more tasks than this")
         allow_many: bool = Field(False, description="Stop every task even when there are more than max_tasks")
@@ -124,9 +112,7 @@ class StopTasks(Step):
         rows = [[t["taskArn"], t.get("lastStatus"), t.get("stopCode"), t.get("stoppedReason")] for t in tasks]
         ctx.log_table("Stopped ECS tasks", ["TASK ARN", "LAST STATUS", "STOP CODE", "STOPPED REASON"], rows)
         ctx.log.info("ecs.tasks_stopped", cluster=params.cluster, count=len(arns))
-        outputs = [
-            dict(zip(("arn", "lastStatus", "stopCode", "stoppedReason"), row, strict=True)) for row in rows
-        ]
+        outputs = [dict(zip(("arn", "lastStatus", "stopCode", "stoppedReason"), row, strict=True)) for row in rows]
         return Done({"cluster": params.cluster, "count": len(arns), "tasks": outputs})
 
     def _stop(self, ctx: StepContext, client: ECSClient, params: Params) -> tuple[list[str], dict[str, str]]:
@@ -217,13 +203,9 @@ class ListStoppedTasks(Step):
         ctx.set_columns(STOPPED_TASK_COLUMNS)
         complete = ctx.add_rows(row for task in shown for row in _rows(task))
         _log_stopped(ctx, params.cluster, since, shown)
+        truncated = len(tasks) > len(shown) or not complete
         return Done(
-            {
-                "cluster": params.cluster,
-                "count": len(shown),
-                "since": since.isoformat(),
-                "truncated": len(tasks) > len(shown) or not complete,
-            }
+            {"cluster": params.cluster, "count": len(shown), "since": since.isoformat(), "truncated": truncated}
         )
 
     def _stopped_since(self, client: ECSClient, params: Params, since: datetime) -> Iterator[TaskTypeDef]:
@@ -236,9 +218,7 @@ class ListStoppedTasks(Step):
         arns = [arn for page in pages for arn in page.get("taskArns", [])]
         for response in describe(client, params.cluster, arns):
             # A task still stopping has no stoppedAt yet: it is not reported until it has stopped.
-            yield from (
-                t for t in response.get("tasks", []) if t.get("stoppedAt") and t["stoppedAt"] >= since
-            )
+            yield from (t for t in response.get("tasks", []) if t.get("stoppedAt") and t["stoppedAt"] >= since)
 
 
 def _log_stopped(ctx: StepContext, cluster: str, since: datetime, tasks: Sequence[Mapping[str, Any]]) -> None:

@@ -35,13 +35,9 @@ AccountId = Annotated[str, StringConstraints(pattern=r"^[0-9]{12}$")]
 LogGroupName = Annotated[str, StringConstraints(pattern=r"^[\.\-_/#A-Za-z0-9]{1,512}$")]
 S3Arn = Annotated[
     str,
-    StringConstraints(
-        pattern=r"^arn:aws[a-z-]*:s3:::[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$", max_length=1024
-    ),
+    StringConstraints(pattern=r"^arn:aws[a-z-]*:s3:::[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$", max_length=1024),
 ]
-LogFormat = Annotated[
-    str, StringConstraints(pattern=r"^\$\{[a-z0-9-]+\}( \$\{[a-z0-9-]+\})*$", max_length=4096)
-]
+LogFormat = Annotated[str, StringConstraints(pattern=r"^\$\{[a-z0-9-]+\}( \$\{[a-z0-9-]+\})*$", max_length=4096)]
 
 
 def _cidr_text(value: object) -> object:
@@ -79,15 +75,11 @@ def request_members(params: StepParams) -> dict[str, Any]:
     return params.model_dump(by_alias=True, exclude_none=True, include=members)
 
 
-def tag_specifications(
-    resource_type: ResourceTypeType, tags: Mapping[str, str]
-) -> list[TagSpecificationTypeDef]:
+def tag_specifications(resource_type: ResourceTypeType, tags: Mapping[str, str]) -> list[TagSpecificationTypeDef]:
     """EC2 TagSpecifications tagging a new resource of ``resource_type`` (none when there are no tags)."""
     if not tags:
         return []
-    return [
-        {"ResourceType": resource_type, "Tags": [{"Key": key, "Value": value} for key, value in tags.items()]}
-    ]
+    return [{"ResourceType": resource_type, "Tags": [{"Key": key, "Value": value} for key, value in tags.items()]}]
 
 
 class CreateFlowLogs(Step):
@@ -105,7 +97,7 @@ class CreateFlowLogs(Step):
 
     class Params(AwsParams):
         resource_ids: list[FlowLogResourceId] = Field(
-            min_length=1, max_length=25, serialization_alias="ResourceIds", description="Ids of resource_type"
+            min_length=1, max_length=25, serialization_alias="ResourceIds", description="Ids, all of resource_type"
         )
         resource_type: ResourceType = Field(
             serialization_alias="ResourceType", description="VPC, Subnet or NetworkInterface (any case)"
@@ -114,19 +106,19 @@ class CreateFlowLogs(Step):
             "ALL", serialization_alias="TrafficType", description="ACCEPT, REJECT or ALL (any case)"
         )
         log_group_name: LogGroupName | None = Field(
-            None, serialization_alias="LogGroupName", description="CloudWatch Logs group to publish to"
+            None, serialization_alias="LogGroupName", description="CloudWatch Logs group to publish to (with the role)"
         )
         deliver_logs_role_arn: RoleArn | None = Field(
-            None, serialization_alias="DeliverLogsPermissionArn", description="Role EC2 publishes to it with"
+            None, serialization_alias="DeliverLogsPermissionArn", description="Role EC2 assumes to publish to the group"
         )
         s3_destination: S3Arn | None = Field(
-            None, serialization_alias="LogDestination", description="Or S3: arn:aws:s3:::bucket[/prefix]"
+            None, serialization_alias="LogDestination", description="Or S3 instead: arn:aws:s3:::bucket[/prefix]"
         )
         log_format: LogFormat | None = Field(
-            None, serialization_alias="LogFormat", description="Record format, e.g. '${srcaddr} ${dstaddr}'"
+            None, serialization_alias="LogFormat", description="Record format, e.g. '${srcaddr} ${dstaddr} ${action}'"
         )
         max_aggregation_interval: Literal[60, 600] | None = Field(
-            None, serialization_alias="MaxAggregationInterval", description="Seconds per record (AWS: 600)"
+            None, serialization_alias="MaxAggregationInterval", description="Seconds per record: 60 or 600 (default)"
         )
         tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=50, description="Flow log tags")
 
@@ -139,9 +131,7 @@ class CreateFlowLogs(Step):
                     "or S3 (s3_destination)"
                 )
             if cloudwatch and (self.log_group_name is None or self.deliver_logs_role_arn is None):
-                raise ValueError(
-                    "a CloudWatch Logs destination needs both log_group_name and deliver_logs_role_arn"
-                )
+                raise ValueError("a CloudWatch Logs destination needs both log_group_name and deliver_logs_role_arn")
             return self
 
         @model_validator(mode="after")
@@ -149,9 +139,7 @@ class CreateFlowLogs(Step):
             prefix = RESOURCE_PREFIX[self.resource_type]
             wrong = [rid for rid in self.resource_ids if not rid.startswith(prefix)]
             if wrong:
-                raise ValueError(
-                    f"resource_type {self.resource_type} needs ids starting {prefix!r}, not {wrong}"
-                )
+                raise ValueError(f"resource_type {self.resource_type} needs ids starting {prefix!r}, not {wrong}")
             if len(set(self.resource_ids)) != len(self.resource_ids):
                 raise ValueError("resource_ids lists a resource more than once")
             return self
@@ -170,21 +158,13 @@ class CreateFlowLogs(Step):
         ctx.log_table(
             "VPC flow logs",
             ["RESOURCE ID", "RESULT", "DETAIL"],
-            [
-                [rid, "refused" if rid in refused else "created", refused.get(rid, "")]
-                for rid in params.resource_ids
-            ],
+            [[rid, "refused" if rid in refused else "created", refused.get(rid, "")] for rid in params.resource_ids],
         )
         if refused:
             raise _refusal(refused, flow_log_ids)
         ctx.log.info("flow_logs.created", flow_log_ids=flow_log_ids, destination_type=destination_type)
-        return Done(
-            {
-                "flow_log_ids": flow_log_ids,
-                "resource_ids": params.resource_ids,
-                "destination_type": destination_type,
-            }
-        )
+        outputs = {"flow_log_ids": flow_log_ids, "resource_ids": params.resource_ids}
+        return Done({**outputs, "destination_type": destination_type})
 
 
 def _refusal(refused: Mapping[str, str], created: Sequence[str]) -> RemoteFailed:
@@ -226,14 +206,10 @@ class PeerVpcs(Step):
             None, description="Accept the request; blank accepts when the peer is in this account and region"
         )
         route_table_ids: list[RouteTableId] = Field(
-            default_factory=list,
-            max_length=50,
-            description="Requester tables to route peer_cidr via the peering",
+            default_factory=list, max_length=50, description="Requester route tables: route peer_cidr via the peering"
         )
         peer_route_table_ids: list[RouteTableId] = Field(
-            default_factory=list,
-            max_length=50,
-            description="Accepter tables to route vpc_cidr via the peering",
+            default_factory=list, max_length=50, description="Accepter route tables: route vpc_cidr via the peering"
         )
         peer_cidr: Ipv4Cidr | None = Field(
             None, description="Destination for route_table_ids; blank = the peer VPC's primary CIDR"
@@ -272,9 +248,7 @@ class PeerVpcs(Step):
             return Poll(after=5)
         status, message = peering["Status"]["Code"], peering["Status"].get("Message", "")
         if status in FAILED:
-            raise RemoteFailed(
-                f"VPC peering {peering_id} is {status}: {message}", code=status, resource_id=peering_id
-            )
+            raise RemoteFailed(f"VPC peering {peering_id} is {status}: {message}", code=status, resource_id=peering_id)
         if status in ACTIVE:
             return _finish(ctx, peering, _add_routes(ec2, params, peering))
         if status in AWAITING_ACCEPTANCE and not ctx.state["accept"]:
@@ -288,8 +262,7 @@ class PeerVpcs(Step):
 def _decide_accept(ctx: StepContext, params: PeerVpcs.Params) -> bool:
     """Whether this step accepts: only a peer in this account and region can be accepted (and routed)."""
     local = params.peer_region in (None, ctx.region) and (
-        params.peer_owner_id is None
-        or params.peer_owner_id == ctx.client("sts").get_caller_identity()["Account"]
+        params.peer_owner_id is None or params.peer_owner_id == ctx.client("sts").get_caller_identity()["Account"]
     )
     wants = params.accept or bool(params.route_table_ids or params.peer_route_table_ids)
     if wants and not local:
@@ -339,8 +312,7 @@ def _accept_once(ctx: StepContext, ec2: EC2Client, peering_id: str) -> None:
 
 def _add_routes(ec2: EC2Client, params: PeerVpcs.Params, peering: Mapping[str, Any]) -> list[list[str]]:
     wanted = [
-        (table, _cidr(params.peer_cidr, peering["AccepterVpcInfo"], "peer_cidr"))
-        for table in params.route_table_ids
+        (table, _cidr(params.peer_cidr, peering["AccepterVpcInfo"], "peer_cidr")) for table in params.route_table_ids
     ]
     wanted += [
         (table, _cidr(params.vpc_cidr, peering["RequesterVpcInfo"], "vpc_cidr"))
@@ -354,11 +326,8 @@ def _add_routes(ec2: EC2Client, params: PeerVpcs.Params, peering: Mapping[str, A
 def _cidr(given: IPv4Network | None, vpc_info: Mapping[str, Any], field: str) -> str:
     cidr = str(given) if given else vpc_info.get("CidrBlock")
     if not cidr:
-        raise Permanent(
-            f"AWS did not report the CIDR of {vpc_info.get('VpcId')}: set {field}",
-            code="NoCidr",
-            resource_id=str(vpc_info.get("VpcId", "")),
-        )
+        vpc_id = str(vpc_info.get("VpcId", ""))
+        raise Permanent(f"AWS did not report the CIDR of {vpc_id}: set {field}", code="NoCidr", resource_id=vpc_id)
     return cidr
 
 
@@ -370,13 +339,10 @@ def _add_route(ec2: EC2Client, table: str, cidr: str, peering_id: str) -> None:
         if err.response["Error"]["Code"] != "RouteAlreadyExists":
             raise
         routes = ec2.describe_route_tables(RouteTableIds=[table])["RouteTables"][0].get("Routes", [])
-        target = next(
-            (r.get("VpcPeeringConnectionId") for r in routes if r.get("DestinationCidrBlock") == cidr), None
-        )
+        target = next((r.get("VpcPeeringConnectionId") for r in routes if r.get("DestinationCidrBlock") == cidr), None)
         if target != peering_id:
             raise Permanent(
-                f"route table {table} already routes {cidr} to another target; remove that route or pick "
-                "another table",
+                f"route table {table} already routes {cidr} to another target; remove that route or pick another table",
                 code="RouteAlreadyExists",
                 resource_id=table,
             ) from err
@@ -385,20 +351,11 @@ def _add_route(ec2: EC2Client, table: str, cidr: str, peering_id: str) -> None:
 def _finish(ctx: StepContext, peering: Mapping[str, Any], routes: list[list[str]]) -> Done:
     peering_id, status = peering["VpcPeeringConnectionId"], peering["Status"]["Code"]
     requester, accepter = peering["RequesterVpcInfo"]["VpcId"], peering["AccepterVpcInfo"]["VpcId"]
-    ctx.log_table(
-        "VPC peering",
-        ["PEERING ID", "REQUESTER VPC", "ACCEPTER VPC", "STATUS"],
-        [[peering_id, requester, accepter, status]],
-    )
+    columns = ["PEERING ID", "REQUESTER VPC", "ACCEPTER VPC", "STATUS"]
+    ctx.log_table("VPC peering", columns, [[peering_id, requester, accepter, status]])
     if routes:
         ctx.log_table("Peering routes", ["ROUTE TABLE", "DESTINATION", "TARGET"], routes)
     ctx.log.info("peering.finished", peering_id=peering_id, status=status, routes=len(routes))
-    return Done(
-        {
-            "peering_id": peering_id,
-            "status": status,
-            "requester_vpc_id": requester,
-            "accepter_vpc_id": accepter,
-            "routes": [{"route_table_id": t, "destination": c} for t, c, _ in routes],
-        }
-    )
+    added = [{"route_table_id": table, "destination": cidr} for table, cidr, _ in routes]
+    ids = {"peering_id": peering_id, "status": status, "requester_vpc_id": requester, "accepter_vpc_id": accepter}
+    return Done({**ids, "routes": added})

@@ -34,12 +34,17 @@ def run_tasks(count: int) -> list[str]:
     group = ec2.describe_security_groups(GroupNames=["default"])["SecurityGroups"][0]
     ecs().create_cluster(clusterName=CLUSTER)
     ecs().register_task_definition(
-        family="web", requiresCompatibilities=["FARGATE"], networkMode="awsvpc", cpu="256", memory="512",
+        family="web",
+        requiresCompatibilities=["FARGATE"],
+        networkMode="awsvpc",
+        cpu="256",
+        memory="512",
         containerDefinitions=[{"name": "app", "image": "nginx", "memory": 512}],
     )
     network = {"awsvpcConfiguration": {"subnets": [subnet["SubnetId"]], "securityGroups": [group["GroupId"]]}}
-    started = ecs().run_task(cluster=CLUSTER, taskDefinition="web", launchType="FARGATE", count=count,
-                             networkConfiguration=network)
+    started = ecs().run_task(
+        cluster=CLUSTER, taskDefinition="web", launchType="FARGATE", count=count, networkConfiguration=network
+    )
     return [task["taskArn"] for task in started["tasks"]]
 
 
@@ -90,13 +95,17 @@ def test_stop_tasks_redelivery_does_not_stop_again(aws: str) -> None:
     assert again.outputs == first.outputs
 
 
-def test_stop_tasks_without_waiting(aws: str) -> None:
-    """moto: wait=false finishes in the first phase."""
-    arns = run_tasks(1)
+def test_stop_tasks_without_waiting(stubbed: tuple[LocalContext, Stubber]) -> None:
+    """Stubber: wait=false reports the tasks as they are after StopTask (moto is STOPPED at once anyway)."""
+    ctx, stub = stubbed
+    arn = f"{ARN}:task/{CLUSTER}/{IDS[0]}"
+    stub.add_response("stop_task", {"task": task(arn, "RUNNING")})
+    stub.add_response("describe_tasks", {"tasks": [task(arn, "STOPPING", stopCode="UserInitiated")]})
 
-    outcome = StopTasks().run(LocalContext(), StopTasks.Params(cluster=CLUSTER, task_ids=arns, wait=False))
+    outcome = StopTasks().run(ctx, StopTasks.Params(cluster=CLUSTER, task_ids=[IDS[0]], wait=False))
 
     assert not isinstance(outcome, Poll)
+    assert outcome.outputs["tasks"][0]["lastStatus"] == "STOPPING"
 
 
 def test_stop_service_over_the_guard_stops_nothing(aws: str) -> None:
@@ -119,13 +128,18 @@ def test_stop_service_waits_until_stopped(stubbed: tuple[LocalContext, Stubber])
     STOPPED at once; here ListTasks is filtered by service and the tasks pass through STOPPING first."""
     ctx, stub = stubbed
     arns = [f"{ARN}:task/{CLUSTER}/{n:032x}" for n in (1, 2)]
-    stub.add_response("list_tasks", {"taskArns": arns},
-                      {"cluster": CLUSTER, "serviceName": "api", "desiredStatus": "RUNNING"})
+    stub.add_response(
+        "list_tasks", {"taskArns": arns}, {"cluster": CLUSTER, "serviceName": "api", "desiredStatus": "RUNNING"}
+    )
     for arn in arns:
-        stub.add_response("stop_task", {"task": task(arn, "RUNNING")},
-                          {"cluster": CLUSTER, "task": arn, "reason": "deploy"})
-    stub.add_response("describe_tasks", {"tasks": [task(arns[0]), task(arns[1], "DEPROVISIONING")]},
-                      {"cluster": CLUSTER, "tasks": arns})
+        stub.add_response(
+            "stop_task", {"task": task(arn, "RUNNING")}, {"cluster": CLUSTER, "task": arn, "reason": "deploy"}
+        )
+    stub.add_response(
+        "describe_tasks",
+        {"tasks": [task(arns[0]), task(arns[1], "DEPROVISIONING")]},
+        {"cluster": CLUSTER, "tasks": arns},
+    )
     stopped = {"stopCode": "UserInitiated", "stoppedReason": "deploy"}
     stub.add_response("describe_tasks", {"tasks": [task(arn, **stopped) for arn in arns]})
     params = StopTasks.Params(cluster=CLUSTER, service="api", reason="deploy")
@@ -207,17 +221,28 @@ def stopped_task(n: int, minutes_ago: int, **extra: Any) -> dict[str, Any]:
 def test_stopped_tasks_rows_per_container(stubbed: tuple[LocalContext, Stubber]) -> None:
     """Stubber: moto models no stoppedAt, stopCode or exit codes; paging, filtering and rows per container."""
     ctx, stub = stubbed
-    crashed = stopped_task(1, 5, stopCode="EssentialContainerExited", stoppedReason="Essential container exited",
-                           containers=[{"name": "app", "exitCode": 137, "reason": "OutOfMemoryError"},
-                                       {"name": "sidecar", "exitCode": 0}])
-    pull = stopped_task(2, 20, stopCode="TaskFailedToStart",
-                        stoppedReason="CannotPullContainerError: nginx:nope not found")
+    crashed = stopped_task(
+        1,
+        5,
+        stopCode="EssentialContainerExited",
+        stoppedReason="Essential container exited",
+        containers=[{"name": "app", "exitCode": 137, "reason": "OutOfMemoryError"}, {"name": "sidecar", "exitCode": 0}],
+    )
+    pull = stopped_task(
+        2, 20, stopCode="TaskFailedToStart", stoppedReason="CannotPullContainerError: nginx:nope not found"
+    )
     old = stopped_task(3, 300, stoppedReason="long ago")
     stopping = {"taskArn": f"{ARN}:task/{CLUSTER}/{4:032x}", "lastStatus": "DEPROVISIONING"}
-    stub.add_response("list_tasks", {"taskArns": [crashed["taskArn"], old["taskArn"]], "nextToken": "page2"},
-                      {"cluster": CLUSTER, "desiredStatus": "STOPPED", "family": "web"})
-    stub.add_response("list_tasks", {"taskArns": [pull["taskArn"], stopping["taskArn"]]},
-                      {"cluster": CLUSTER, "desiredStatus": "STOPPED", "family": "web", "nextToken": "page2"})
+    stub.add_response(
+        "list_tasks",
+        {"taskArns": [crashed["taskArn"], old["taskArn"]], "nextToken": "page2"},
+        {"cluster": CLUSTER, "desiredStatus": "STOPPED", "family": "web"},
+    )
+    stub.add_response(
+        "list_tasks",
+        {"taskArns": [pull["taskArn"], stopping["taskArn"]]},
+        {"cluster": CLUSTER, "desiredStatus": "STOPPED", "family": "web", "nextToken": "page2"},
+    )
     stub.add_response("describe_tasks", {"tasks": [old, pull, stopping, crashed]})
 
     done, _ = run_step(ListStoppedTasks, {"cluster": CLUSTER, "family": "web"}, ctx)
@@ -229,7 +254,7 @@ def test_stopped_tasks_rows_per_container(stubbed: tuple[LocalContext, Stubber])
     assert ctx.rows[0][:2] == [crashed["taskArn"], "web:7"]
     assert ctx.rows[0][3:5] == ["EssentialContainerExited", "Essential container exited"]
     assert ctx.rows[2][4] == "CannotPullContainerError: nginx:nope not found"
-    title, columns, rows = ctx.tables[0]
+    _title, columns, rows = ctx.tables[0]
     assert columns == ["STOPPED TASK ARN", "STOPPED REASON"]
     assert rows == [[crashed["taskArn"], "Essential container exited"], [pull["taskArn"], pull["stoppedReason"]]]
     assert_within_iam(ListStoppedTasks, ctx)
@@ -239,15 +264,19 @@ def test_stopped_tasks_batches_and_max_tasks(stubbed: tuple[LocalContext, Stubbe
     """Stubber: 150 stopped tasks → DescribeTasks in batches of 100; max_tasks keeps the most recent."""
     ctx, stub = stubbed
     tasks = [stopped_task(n, n) for n in range(150)]
-    stub.add_response("list_tasks", {"taskArns": [t["taskArn"] for t in tasks]},
-                      {"cluster": CLUSTER, "desiredStatus": "STOPPED", "serviceName": "api"})
-    stub.add_response("describe_tasks", {"tasks": tasks[:100]},
-                      {"cluster": CLUSTER, "tasks": [t["taskArn"] for t in tasks[:100]]})
-    stub.add_response("describe_tasks", {"tasks": tasks[100:]},
-                      {"cluster": CLUSTER, "tasks": [t["taskArn"] for t in tasks[100:]]})
+    stub.add_response(
+        "list_tasks",
+        {"taskArns": [t["taskArn"] for t in tasks]},
+        {"cluster": CLUSTER, "desiredStatus": "STOPPED", "serviceName": "api"},
+    )
+    stub.add_response(
+        "describe_tasks", {"tasks": tasks[:100]}, {"cluster": CLUSTER, "tasks": [t["taskArn"] for t in tasks[:100]]}
+    )
+    stub.add_response(
+        "describe_tasks", {"tasks": tasks[100:]}, {"cluster": CLUSTER, "tasks": [t["taskArn"] for t in tasks[100:]]}
+    )
 
-    done, _ = run_step(ListStoppedTasks, {"cluster": CLUSTER, "service": "api", "since": "1d", "max_tasks": 3},
-                       ctx)
+    done, _ = run_step(ListStoppedTasks, {"cluster": CLUSTER, "service": "api", "since": "1d", "max_tasks": 3}, ctx)
 
     assert (done.outputs["count"], done.outputs["truncated"]) == (3, True)
     assert [row[0] for row in ctx.rows] == [t["taskArn"] for t in tasks[:3]]
@@ -274,7 +303,8 @@ def test_no_stopped_tasks_says_so(aws: str) -> None:
         done, ctx = run_step(ListStoppedTasks, {"cluster": CLUSTER})
 
     assert done.outputs["count"] == 0
-    assert ctx.rows == [] and ctx.tables == []
+    assert ctx.rows == []
+    assert ctx.tables == []
     (none,) = [line for line in logs if line["event"] == "ecs.no_stopped_tasks"]
     assert none["message"].startswith(f"no stopped tasks in {CLUSTER} since ")
     assert_within_iam(ListStoppedTasks, ctx)
@@ -282,8 +312,13 @@ def test_no_stopped_tasks_says_so(aws: str) -> None:
 
 @pytest.mark.parametrize(
     ("since", "expected"),
-    [("30m", timedelta(minutes=30)), ("1h", timedelta(hours=1)), ("2d", timedelta(days=2)),
-     ("PT1H", timedelta(hours=1)), ("2024-06-02T20:00:00Z", datetime(2024, 6, 2, 20, tzinfo=UTC))],
+    [
+        ("30m", timedelta(minutes=30)),
+        ("1h", timedelta(hours=1)),
+        ("2d", timedelta(days=2)),
+        ("PT1H", timedelta(hours=1)),
+        ("2024-06-02T20:00:00Z", datetime(2024, 6, 2, 20, tzinfo=UTC)),
+    ],
 )
 def test_since_forms(since: str, expected: object) -> None:
     """Durations (short or ISO 8601) and offset-aware ISO 8601 times; the serialised form reads back."""
@@ -316,10 +351,30 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=10,
 )
-PLAUSIBLE = st.sampled_from([
-    CLUSTER, f"{ARN}:cluster/{CLUSTER}", "api", "web", IDS[0], f"{ARN}:task/{CLUSTER}/{IDS[1]}", IDS[:2], IDS,
-    "1h", "30m", "PT2H", "2024-06-02T20:00:00Z", "2024-06-02T20:00:00", 1, 10, 100, 1000, True, False, None,
-])
+PLAUSIBLE = st.sampled_from(
+    [
+        CLUSTER,
+        f"{ARN}:cluster/{CLUSTER}",
+        "api",
+        "web",
+        IDS[0],
+        f"{ARN}:task/{CLUSTER}/{IDS[1]}",
+        IDS[:2],
+        IDS,
+        "1h",
+        "30m",
+        "PT2H",
+        "2024-06-02T20:00:00Z",
+        "2024-06-02T20:00:00",
+        1,
+        10,
+        100,
+        1000,
+        True,
+        False,
+        None,
+    ]
+)
 
 
 @pytest.mark.parametrize("step", [StopTasks, ListStoppedTasks])

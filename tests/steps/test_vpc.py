@@ -61,7 +61,7 @@ def test_flow_logs_to_cloudwatch(aws: str) -> None:
         ("vpc/flow", ROLE, "REJECT")
     }
     assert all({"Key": "team", "Value": "ops"} in f["Tags"] for f in flow_logs)
-    title, columns, rows = ctx.tables[0]
+    _title, columns, rows = ctx.tables[0]
     assert columns == ["RESOURCE ID", "RESULT", "DETAIL"]
     assert rows == [[vpcs[0], "created", ""], [vpcs[1], "created", ""]]
     assert_within_iam(CreateFlowLogs, ctx)
@@ -298,9 +298,7 @@ def test_peering_rejected_fails_with_status_message(aws: str) -> None:
 
 def test_peering_not_visible_yet_keeps_polling(aws: str) -> None:
     """moto: a connection id that describe does not show yet (eventual consistency) means poll again."""
-    params = PeerVpcs.Params.model_validate(
-        {"vpc_id": "vpc-0123456789abcdef0", "peer_vpc_id": "vpc-0123456789abcdef1"}
-    )
+    params = PeerVpcs.Params.model_validate({"vpc_id": "vpc-0123456789abcdef0", "peer_vpc_id": "vpc-0123456789abcdef1"})
     ctx = LocalContext()
     ctx.state.update({"peering_id": "pcx-0123456789abcdef0", "accept": True})
 
@@ -315,7 +313,7 @@ def test_peering_route_to_another_target_is_refused(aws: str) -> None:
     ec2().attach_internet_gateway(InternetGatewayId=gateway, VpcId=requester)
     ec2().create_route(RouteTableId=mine, DestinationCidrBlock="10.1.0.0/16", GatewayId=gateway)
 
-    with pytest.raises(Permanent, match="already routes 10.1.0.0/16 to another target"):
+    with pytest.raises(Permanent, match=r"already routes 10\.1\.0\.0/16 to another target"):
         run_step(PeerVpcs, {"vpc_id": requester, "peer_vpc_id": accepter, "route_table_ids": [mine]})
 
 
@@ -361,9 +359,7 @@ def test_peering_request_shape() -> None:
             },
         )
         for code in ("initiating-request", "provisioning"):
-            stub.add_response(
-                "describe_vpc_peering_connections", described(code), {"VpcPeeringConnectionIds": [pcx]}
-            )
+            stub.add_response("describe_vpc_peering_connections", described(code), {"VpcPeeringConnectionIds": [pcx]})
         stub.add_response("describe_vpc_peering_connections", described("pending-acceptance"))
         stub.add_response("accept_vpc_peering_connection", {}, {"VpcPeeringConnectionId": pcx})
         stub.add_response("describe_vpc_peering_connections", described("active"))
@@ -435,9 +431,7 @@ PLAUSIBLE = st.sampled_from(
 
 
 def fuzz_params(fields: list[str]) -> st.SearchStrategy[dict[str, Any]]:
-    return st.dictionaries(
-        st.sampled_from([*fields, "bogus"]) | st.text(max_size=6), PLAUSIBLE | JSON, max_size=8
-    )
+    return st.dictionaries(st.sampled_from([*fields, "bogus"]) | st.text(max_size=6), PLAUSIBLE | JSON, max_size=8)
 
 
 @pytest.mark.parametrize("step", [CreateFlowLogs, PeerVpcs])

@@ -225,15 +225,15 @@ def test_open_keystore_picks_the_backend(redis_client: redis.Redis, tmp_path: Pa
 
 
 def test_open_keystore_reads_the_master_key_only_when_a_value_is_touched(redis_client: redis.Redis) -> None:
-    keys = open_keystore(system(keystore_key="garbage"), redis_client)  # a worker whose steps read no secret
-    assert keys.list() == []
-    with pytest.raises(MasterKeyError, match="STEPWORKER_KEYSTORE_KEY is not"):
-        keys.read("aws/x")
     master = new_master_key()
     good = open_keystore(system(keystore_key=master), redis_client)
     good.put("aws/x", "value-1")
     assert isinstance(good, RedisKeyStore)
     assert good.master_key_id == key_id(parse_master_key(master))
+    keys = open_keystore(system(keystore_key="garbage"), redis_client)  # a worker whose steps read no secret
+    assert [info.path for info in keys.list()] == ["aws/x"]
+    with pytest.raises(MasterKeyError, match="STEPWORKER_KEYSTORE_KEY is not"):
+        keys.read("aws/x")
 
 
 # ------------------------------------------------------------------------------------------ directory backend
