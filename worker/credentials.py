@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import logging
 import os
 import re
 import threading
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 Layer = Literal["step", "project", "system"]
 AWS_FIELDS = ("region", "credential_provider", "access_key_id", "secret_key_path", "role_arn", "external_id")
 _CREDENTIAL_FIELDS = ("credential_provider", "access_key_id", "secret_key_path")
+# A stdlib logger: its lines go to the worker's stdout only, never into an execution's log stream.
+_log = logging.getLogger("stepworker.credentials")
 _SOURCE_LABELS: Mapping[str, str] = {
     "default": "default-chain",
     "ec2": "ec2-instance-role",
@@ -364,6 +367,7 @@ class AwsAccess:
                     region_name=self.region,
                     config=CLIENT_CONFIG,
                 )
+                _log.info("aws.client_created service=%s region=%s pid=%d", service, self.region, os.getpid())
             return found
 
     def principal_arn(self) -> str:

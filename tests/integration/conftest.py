@@ -67,6 +67,7 @@ class Stack:
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.workers.append(proc)
         return proc
@@ -74,6 +75,11 @@ class Stack:
     def worker_logs(self) -> str:
         """Everything the workers printed."""
         return "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("*.log")))
+
+    def kill_worker(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL a worker and its pool processes at once (a crash: nothing is acked or restored)."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def stop(self) -> None:
         """Stop every worker (cold shutdown), killing any that hang."""
@@ -84,7 +90,7 @@ class Stack:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
 

@@ -1,0 +1,256 @@
+"""Shared pieces of the benchmarks: a private Redis (and moto), real worker processes, waiting, printing.
+
+Everything a benchmark starts is stopped by the ``bench`` context manager, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from worker import sandbox
+from worker.dispatcher import Dispatcher
+from worker.keys import Keys
+from worker.models import Status
+from worker.settings import Settings, get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+TERMINAL = frozenset(str(status) for status in Status if status.terminal)
+
+
+@dataclass
+class Bench:
+    """One benchmark's private services, its Redis key prefix and queue, and the workers it started."""
+
+    redis_url: str
+    moto_url: str | None
+    prefix: str
+    queue: str
+    env: dict[str, str]
+    client: redis.Redis
+    log_dir: Path
+    redis_pid: int
+    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> Keys:
+        """The Redis key names under this benchmark's prefix."""
+        return Keys(self.prefix)
+
+    def dispatcher(self) -> Dispatcher:
+        """A dispatcher on the private Redis, with this process's (benchmark) settings."""
+        return Dispatcher(Settings(), self.client)
+
+    def start_worker(self, name: str, argv: Sequence[str], **env: str) -> subprocess.Popen[bytes]:
+        """Start a worker process (its own process group, output to a log file)."""
+        with (self.log_dir / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, *argv], env={**self.env, **env}, cwd=ROOT, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.workers[name] = proc
+        return proc
+
+    def start_stepworker(self, name: str, *, concurrency: int = 2, loglevel: str = "WARNING",
+                         **env: str) -> subprocess.Popen[bytes]:
+        """Start ``python -m worker.cli worker`` (prefork) on this benchmark's queue."""
+        argv = ["-m", "worker.cli", "worker", "-Q", self.queue, "-c", str(concurrency), "--pool", "prefork",
+                "-n", f"{name}@%h", "-l", loglevel]
+        return self.start_worker(name, argv, **env)
+
+    def stop_worker(self, name: str) -> None:
+        """Cold-stop one worker (SIGQUIT), killing its process group if it hangs."""
+        proc = self.workers.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGQUIT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # pool children the SIGQUIT left behind
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def check_workers(self) -> None:
+        """Raise if a started worker has exited."""
+        for name, proc in self.workers.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker {name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        """The last lines a worker printed."""
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+@contextlib.contextmanager
+def bench(*, moto: bool = False, **settings_env: str) -> Iterator[Bench]:
+    """A private redis-server (and moto when asked) and a prefix/queue; this process's env points at them."""
+    redis_service = sandbox.start_redis()
+    moto_service = sandbox.start_moto() if moto else None
+    prefix = f"b{uuid.uuid4().hex[:8]}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("STEPWORKER_", "AWS_"))},
+        **(sandbox.moto_env(moto_service.url) if moto_service else {}),
+        "STEPWORKER_REDIS_URL": redis_service.url,
+        "STEPWORKER_KEY_PREFIX": prefix,
+        "STEPWORKER_DEFAULT_QUEUE": f"q-{prefix}",
+        "PYTHONPATH": str(ROOT),
+        **settings_env,
+    }
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    get_settings.cache_clear()
+    client = redis.Redis.from_url(redis_service.url, decode_responses=True)
+    run = Bench(redis_service.url, moto_service.url if moto_service else None, prefix, f"q-{prefix}", env, client,
+                Path(tempfile.mkdtemp(prefix="stepworker-bench-")), redis_service.process.pid)
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+    try:
+        yield run
+    except BaseException:
+        for name in run.workers:
+            print(f"--- last lines of worker {name} ---\n{run.log_tail(name)}", file=sys.stderr)
+        raise
+    finally:
+        for name in list(run.workers):
+            run.stop_worker(name)
+        client.close()
+        if moto_service:
+            moto_service.stop()
+        redis_service.stop()
+        shutil.rmtree(run.log_dir, ignore_errors=True)
+        os.environ.clear()
+        os.environ.update(saved)
+        get_settings.cache_clear()
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.2,
+               alive: Callable[[], None] | None = None) -> None:
+    """Poll ``check`` until it is true; raise TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if alive is not None:
+            alive()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not done after {timeout:.0f} s")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class Ended:
+    """The executions' final statuses and the times they finished (epoch seconds, written by the workers)."""
+
+    statuses: dict[str, str]
+    finished_at: list[float]
+
+    def count(self, status: Status) -> int:
+        """How many ended in ``status``."""
+        return sum(1 for value in self.statuses.values() if value == status)
+
+
+def wait_terminal(run: Bench, execution_ids: Sequence[str], *, timeout: float, interval: float = 0.5) -> Ended:
+    """Wait until every execution record is terminal (only the pending ones are re-read each round)."""
+    pending = list(execution_ids)
+    statuses: dict[str, str] = {}
+    finished: list[float] = []
+
+    def check() -> bool:
+        nonlocal pending
+        pipe = run.client.pipeline(transaction=False)
+        for execution_id in pending:
+            pipe.hmget(run.keys.execution(execution_id), "status", "finished_at")
+        still: list[str] = []
+        for execution_id, (status, finished_at) in zip(pending, pipe.execute(), strict=True):
+            if status in TERMINAL:
+                statuses[execution_id] = status
+                finished.append(float(finished_at))
+            else:
+                still.append(execution_id)
+        pending = still
+        return not pending
+
+    wait_until(check, timeout=timeout, interval=interval, alive=run.check_workers,
+               what=f"{len(execution_ids)} executions ({len(pending)} still pending)")
+    return Ended(statuses, sorted(finished))
+
+
+def children(pid: int) -> list[int]:
+    """The direct child processes of ``pid`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return sorted(found)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds used by this process, a worker (main and pool processes) and redis-server over a span."""
+
+    run: Bench
+    worker: str
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def sample(self) -> dict[str, float]:
+        """CPU seconds so far, per part."""
+        proc = self.run.workers[self.worker]
+        pool = children(proc.pid)
+        usage = os.times()
+        return {"driver": usage.user + usage.system, "worker main": cpu_seconds(proc.pid),
+                "worker pool": sum(cpu_seconds(pid) for pid in pool), "redis-server": cpu_seconds(self.run.redis_pid)}
+
+    def start(self) -> None:
+        """Mark the start of the measured span."""
+        self.marks = self.sample()
+
+    def per_task_ms(self, n: int) -> dict[str, float]:
+        """CPU milliseconds per task, per part, since ``start``."""
+        now = self.sample()
+        return {part: (now[part] - self.marks[part]) * 1000 / n for part in now}
+
+
+def status_kib(name: str, pid: str = "self") -> int:
+    """A ``/proc/<pid>/status`` memory field (VmRSS, VmHWM) in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return int(line.split()[1])
+    raise KeyError(name)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark has."""
+    parse = argparse.ArgumentParser(description=description)
+    parse.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds per wait")
+    return parse

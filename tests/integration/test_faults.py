@@ -1,0 +1,63 @@
+"""Crashes: a worker SIGKILLed in the middle of a waiting step."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.integration.conftest import Stack
+from worker.models import Status
+
+pytestmark = pytest.mark.integration
+
+# A short visibility timeout, and kombu sweeping for expired unacked messages every second,
+# so the killed worker's held message comes back within seconds instead of an hour.
+FAST_REDELIVERY = {
+    "STEPWORKER_VISIBILITY_TIMEOUT": "10",
+    "STEPWORKER_POLL_MAX_SECONDS": "1",
+    "STEPWORKER_BROKER_TRANSPORT_OPTIONS": '{"unacked_restore_interval": 1, "unacked_restore_throttle": 1}',
+}
+
+
+def wait_until(predicate: object, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {seconds} s")
+
+
+def test_killed_worker_mid_wait_finishes_exactly_once(stack: Stack) -> None:
+    # Given a worker holding the countdown message of a waiting core.sleep step
+    first = stack.start_worker(**FAST_REDELIVERY)
+    execution = stack.dispatcher.submit({"steps": [{"type": "core.sleep", "params": {"seconds": 3}},
+                                                   {"type": "core.echo", "params": {"after": "sleep"}}]})
+    wait_until(lambda: stack.dispatcher.status(execution).steps[0].polls >= 1)
+    # When that worker is killed outright (no warm shutdown, nothing acked or restored)
+    stack.kill_worker(first)
+    assert stack.dispatcher.status(execution).status == Status.RUNNING
+    # and another worker comes up
+    stack.start_worker(**FAST_REDELIVERY)
+    # Then the message is redelivered and the execution finishes, each step exactly once
+    view = stack.dispatcher.wait(execution, timeout=90)
+    assert view.status == Status.SUCCEEDED, stack.worker_logs()[-3000:]
+    assert [s.completions for s in view.steps] == [1, 1]
+    assert view.steps[1].outputs == {"after": "sleep"}
+    events = stack.client.xrange(stack.dispatcher.store.keys.events)
+    finished = [f for _, f in events if f.get("execution") == execution and f.get("status") == "succeeded"]
+    assert len(finished) == 3  # two steps and the execution, once each
+
+
+def test_duplicate_phase_messages_are_harmless(stack: Stack) -> None:
+    """Publishing every phase message twice (as a redelivery race would) still finishes once."""
+    from worker import celery_app
+
+    stack.start_worker()
+    execution = stack.dispatcher.submit_step("core.sleep", {"seconds": 1})
+    for phase in range(4):
+        celery_app.publish("core.sleep", execution, 0, phase, queue=stack.queue, project="default", nudge=True)
+    view = stack.dispatcher.wait(execution, timeout=30)
+    assert view.status == Status.SUCCEEDED
+    assert view.steps[0].completions == 1

@@ -1,0 +1,221 @@
+"""Queue backlog against a real redis-server: real Celery messages, a real (in-process) Celery worker.
+
+Messages are published by a Celery app on the test Redis; reserved and held messages get into kombu's
+``unacked`` hash the way they do in production — a worker consuming them (``celery.contrib.testing``'s
+threaded worker), or kombu's own ``basic_get`` without ack. CloudWatch publishing runs against moto's server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import boto3
+import pytest
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from worker.queue_metrics import Backlog, Layout, count_workers, measure, metric_data, publish
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Events(NamedTuple):
+    """The blocking task's signals: it started; it may finish."""
+
+    started: threading.Event
+    release: threading.Event
+
+
+QUEUE, OTHER = "qm", "qm-other"
+
+
+def wait_until(condition: Callable[[], bool], what: str, seconds: float = 15.0) -> None:
+    """Poll ``condition`` until it holds, failing after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def make_app(redis_url: str, **transport: Any) -> Celery:
+    """A Celery app on the test Redis with stepworker's delivery settings (acks late, prefetch 1)."""
+    app = Celery("queue-metrics-test", broker=redis_url, set_as_current=False)
+    app.conf.update(
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=transport,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        task_ignore_result=True,
+    )
+    return app
+
+
+def backlog_of(app: Celery, queues: list[str], **kw: Any) -> dict[str, Backlog]:
+    """Measure through the app's own kombu channel, as the command does."""
+    with app.connection_for_read() as connection:
+        channel: Any = connection.default_channel
+        return measure(redis.Redis(connection_pool=channel.pool), Layout.of(channel), queues, **kw)
+
+
+@pytest.fixture
+def blocking_app(redis_client: redis.Redis, redis_url: str) -> Iterator[tuple[Celery, Events]]:
+    """An app whose task says it started, then blocks until released (released again at teardown)."""
+    app = make_app(redis_url)
+    events = Events(threading.Event(), threading.Event())
+
+    @app.task(name="qm.block")
+    def block() -> None:
+        events.started.set()
+        events.release.wait(30)
+
+    yield app, events
+    events.release.set()
+
+
+def test_backlog_counts_waiting_priority_and_unacked_messages_of_a_real_worker(
+    blocking_app: tuple[Celery, Events], redis_client: redis.Redis
+) -> None:
+    app, (started, release) = blocking_app
+    block = app.tasks["qm.block"]
+    # Given: 3 countdown polls, 5 ready phases and 2 low-priority ones on QUEUE, 1 message on OTHER
+    for _ in range(3):
+        block.apply_async(queue=QUEUE, countdown=3600)
+    for _ in range(5):
+        block.apply_async(queue=QUEUE)
+    for _ in range(2):
+        block.apply_async(queue=QUEUE, priority=9)
+    block.apply_async(queue=OTHER)
+    assert redis_client.llen(f"{QUEUE}\x06\x169") == 2  # the priority sub-list LLEN(queue) alone misses
+
+    before = backlog_of(app, [QUEUE, OTHER])
+    assert (before[QUEUE].waiting, before[QUEUE].unacked, before[QUEUE].total) == (10, 0, 10)
+    assert (before[OTHER].waiting, before[OTHER].unacked) == (1, 0)
+
+    # When: a worker consumes QUEUE; it holds the countdown ones until their ETA and blocks in one task
+    with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False, queues=[QUEUE],
+                      shutdown_timeout=15):
+        wait_until(lambda: started.is_set() and redis_client.hlen("unacked") >= 4, "3 held + 1 running")
+        during = backlog_of(app, [QUEUE, OTHER])
+        workers = count_workers(app, [QUEUE, OTHER], timeout=2.0)
+        release.set()
+
+    # Then: nothing is lost from view — what left the lists is counted as unacked: the running task
+    # (prefetch 1) and the three countdown messages the worker holds until their ETA
+    backlog = during[QUEUE]
+    assert backlog.total == 10
+    assert (backlog.waiting, backlog.unacked, backlog.scheduled) == (6, 4, 3)
+    assert (during[OTHER].waiting, during[OTHER].unacked) == (1, 0)
+    assert workers == {QUEUE: 1, OTHER: 0}
+
+
+def test_backlog_follows_global_keyprefix_and_kombu_unacked_entries(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    """Reserve with kombu's own ``basic_get`` (no ack) on a prefixed broker: the entry lands in the
+    prefixed ``unacked`` hash, as a worker's reservation would."""
+    app = make_app(redis_url, global_keyprefix="pfx:")
+    for _ in range(3):
+        app.send_task("qm.any", queue=QUEUE)
+    app.send_task("qm.any", queue=QUEUE, countdown=600)
+    assert redis_client.llen(f"pfx:{QUEUE}") == 4 and redis_client.llen(QUEUE) == 0
+
+    with app.connection_for_read() as connection:
+        channel: Any = connection.default_channel
+        held = [channel.basic_get(QUEUE, no_ack=False) for _ in range(2)]
+        assert all(held) and redis_client.hlen("pfx:unacked") == 2
+        layout = Layout.of(channel)
+        found = measure(redis.Redis(connection_pool=channel.pool), layout, [QUEUE, OTHER])
+
+    assert layout.prefix == "pfx:"
+    assert (found[QUEUE].waiting, found[QUEUE].unacked, found[QUEUE].total) == (2, 2, 4)
+    assert found[OTHER].total == 0
+
+
+def test_scheduled_counts_only_an_eta_still_ahead(redis_client: redis.Redis, redis_url: str) -> None:
+    app = make_app(redis_url)
+    app.send_task("qm.any", queue=QUEUE, countdown=60)
+    app.send_task("qm.any", queue=QUEUE)
+    with app.connection_for_read() as connection:
+        channel: Any = connection.default_channel
+        assert channel.basic_get(QUEUE, no_ack=False) and channel.basic_get(QUEUE, no_ack=False)
+        client = redis.Redis(connection_pool=channel.pool)
+        now = measure(client, Layout.of(channel), [QUEUE])[QUEUE]
+        later = measure(client, Layout.of(channel), [QUEUE], now=datetime.now(UTC) + timedelta(hours=1))[QUEUE]
+    assert (now.unacked, now.scheduled) == (2, 1)
+    assert (later.unacked, later.scheduled) == (2, 0)
+
+
+def test_entries_of_unknown_shape_are_skipped(redis_client: redis.Redis) -> None:
+    redis_client.hset("unacked", mapping={"t1": "not json", "t2": json.dumps([{}, "", QUEUE])})
+    found = measure(redis_client, Layout(), [QUEUE])[QUEUE]
+    assert (found.waiting, found.unacked, found.scheduled) == (0, 1, 0)
+
+
+def test_per_worker_divides_by_consuming_workers_and_never_by_zero() -> None:
+    assert Backlog(QUEUE, waiting=6, unacked=4, scheduled=0, workers=4).per_worker == 2.5
+    assert Backlog(QUEUE, waiting=6, unacked=4, scheduled=0, workers=0).per_worker == 10
+    assert Backlog(QUEUE, waiting=6, unacked=4, scheduled=0).as_dict()["backlog"] == 10
+
+
+def test_publish_puts_backlog_metrics_into_cloudwatch(aws: str) -> None:
+    """moto's server models PutMetricData / ListMetrics / GetMetricStatistics."""
+    cloudwatch = boto3.client("cloudwatch", region_name="us-east-1")
+    backlogs = [Backlog(QUEUE, 6, 4, 3, workers=2), Backlog(OTHER, 1, 0, 0, workers=0)]
+
+    sent = publish(cloudwatch, "StepworkerTest", backlogs, {"Cluster": "prod"})
+
+    assert sent == 6
+    listed = cloudwatch.list_metrics(Namespace="StepworkerTest")["Metrics"]
+    assert {m["MetricName"] for m in listed} == {"Backlog", "BacklogPerWorker", "Workers"}
+    dims = [{"Name": "Queue", "Value": QUEUE}, {"Name": "Cluster", "Value": "prod"}]
+    stats = cloudwatch.get_metric_statistics(
+        Namespace="StepworkerTest", MetricName="BacklogPerWorker", Dimensions=dims,
+        StartTime=datetime.now(UTC) - timedelta(minutes=5), EndTime=datetime.now(UTC) + timedelta(minutes=1),
+        Period=60, Statistics=["Maximum"],
+    )
+    assert [point["Maximum"] for point in stats["Datapoints"]] == [5.0]
+
+
+def test_metric_data_leaves_workers_out_when_not_counted() -> None:
+    names = [d["MetricName"] for d in metric_data([Backlog(QUEUE, 1, 0, 0)], {})]
+    assert names == ["Backlog", "BacklogPerWorker"]
+
+
+def test_command_prints_one_json_line_per_sample(redis_client: redis.Redis, redis_url: str) -> None:
+    """The real ``python -m worker.queue_metrics`` process, configured by STEPWORKER_* variables."""
+    make_app(redis_url).send_task("qm.any", queue=QUEUE)
+    env = {**os.environ, "STEPWORKER_REDIS_URL": redis_url, "STEPWORKER_QUEUES": f"{QUEUE},{OTHER}"}
+    env.pop("STEPWORKER_BROKER_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.queue_metrics", "--inspect-timeout", "0.5"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    line = json.loads(done.stdout)
+    assert line["queues"][QUEUE] == {
+        "queue": QUEUE, "waiting": 1, "unacked": 0, "scheduled": 0, "workers": 0, "backlog": 1,
+        "backlog_per_worker": 1.0,
+    }
+    assert line["queues"][OTHER]["backlog"] == 0
+
+
+def test_command_rejects_a_malformed_dimension(redis_url: str) -> None:
+    env = {**os.environ, "STEPWORKER_REDIS_URL": redis_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.queue_metrics", "--dimension", "oops"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 2 and "Name=Value" in done.stderr
