@@ -35,7 +35,6 @@ class Settings(BaseSettings):
     log_stream_maxlen: int = Field(10_000, ge=100, description="Approximate cap of one execution's log")
     delivery_limit: int = Field(5, ge=1, description="Deliveries of one phase before it counts as poison")
     max_rows: int = Field(100_000, ge=1, description="Rows a query step stores in Redis before it cuts")
-    terminate_guard: int = Field(5, ge=1, description="ec2.terminate refuses more instances unless allowed")
     soft_shutdown_timeout: float = Field(25.0, ge=0, description="Celery soft shutdown, below ECS stopTimeout")
 
     aws_region: Region | None = Field(None, description="System-level AWS region")

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,9 +43,9 @@ class Stack:
     log_dir: Path = Path()
 
     def start_worker(
-        self, *, concurrency: int = 2, queues: str | None = None, **env: str
+        self, env: Mapping[str, str] | None = None, *, concurrency: int = 2, queues: str | None = None
     ) -> subprocess.Popen[bytes]:
-        """Start ``stepworker worker`` as a real process (prefork pool)."""
+        """Start ``stepworker worker`` as a real process (prefork pool), with ``env`` added to its environment."""
         name = f"w{len(self.workers)}-{self.prefix}"
         log = (self.log_dir / f"{name}.log").open("wb")
         proc = subprocess.Popen(
@@ -63,7 +63,7 @@ class Stack:
                 "-l",
                 "INFO",
             ],
-            env={**self.env, **env},
+            env={**self.env, **(env or {})},
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -31,7 +31,7 @@ def wait_until(predicate: object, seconds: float = 30.0) -> None:
 
 def test_killed_worker_mid_wait_finishes_exactly_once(stack: Stack) -> None:
     # Given a worker holding the countdown message of a waiting core.sleep step
-    first = stack.start_worker(**FAST_REDELIVERY)
+    first = stack.start_worker(FAST_REDELIVERY)
     execution = stack.dispatcher.submit({"steps": [{"type": "core.sleep", "params": {"seconds": 3}},
                                                    {"type": "core.echo", "params": {"after": "sleep"}}]})
     wait_until(lambda: stack.dispatcher.status(execution).steps[0].polls >= 1)
@@ -39,13 +39,13 @@ def test_killed_worker_mid_wait_finishes_exactly_once(stack: Stack) -> None:
     stack.kill_worker(first)
     assert stack.dispatcher.status(execution).status == Status.RUNNING
     # and another worker comes up
-    stack.start_worker(**FAST_REDELIVERY)
+    stack.start_worker(FAST_REDELIVERY)
     # Then the message is redelivered and the execution finishes, each step exactly once
     view = stack.dispatcher.wait(execution, timeout=90)
     assert view.status == Status.SUCCEEDED, stack.worker_logs()[-3000:]
     assert [s.completions for s in view.steps] == [1, 1]
     assert view.steps[1].outputs == {"after": "sleep"}
-    events = stack.client.xrange(stack.dispatcher.store.keys.events)
+    events: list[tuple[str, dict[str, str]]] = stack.client.xrange(stack.dispatcher.store.keys.events)  # type: ignore[assignment]
     finished = [f for _, f in events if f.get("execution") == execution and f.get("status") == "succeeded"]
     assert len(finished) == 3  # two steps and the execution, once each
 

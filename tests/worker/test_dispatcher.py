@@ -29,8 +29,8 @@ json_values = st.recursive(
 
 
 @pytest.fixture
-def dispatcher(redis_client: redis.Redis, redis_url: str) -> Iterator[Dispatcher]:
-    yield Dispatcher(Settings(redis_url=redis_url, key_prefix="tdisp", default_queue="q-tdisp"), redis_client)
+def dispatcher(redis_client: redis.Redis, redis_url: str) -> Dispatcher:
+    return Dispatcher(Settings(redis_url=redis_url, key_prefix="tdisp", default_queue="q-tdisp"), redis_client)
 
 
 def snapshot(client: redis.Redis) -> dict[str, Any]:
@@ -78,10 +78,13 @@ def test_every_problem_of_a_job_is_reported_at_once(dispatcher: Dispatcher) -> N
 def test_fuzzed_params_are_accepted_or_refused_cleanly(dispatcher: Dispatcher, redis_client: redis.Redis,
                                                       step_type: str, params: dict[str, Any]) -> None:
     before = snapshot(redis_client)
+    problems: list[tuple[str, str]] = []
     try:
         dispatcher.validate({"steps": [{"type": step_type, "params": params}]})
     except JobInvalid as exc:
-        assert exc.problems and all(loc.startswith("steps[0]") for loc, _ in exc.problems)
+        problems = exc.problems
+        assert problems
+    assert all(loc.startswith("steps[0]") for loc, _ in problems)
     assert snapshot(redis_client) == before
 
 
@@ -155,5 +158,6 @@ def test_steps_show_and_list_json(cli_env: None) -> None:
     listing = json.loads(CliRunner().invoke(main, ["steps", "--json"]).output)
     assert {"ec2.stop", "athena.query", "core.sleep"} <= {s["type"] for s in listing}
     shown = json.loads(CliRunner().invoke(main, ["steps", "show", "ec2.stop", "--json"]).output)
-    assert shown["iam_actions"] and "instance_ids" in shown["params"]["properties"]
+    assert shown["iam_actions"]
+    assert "instance_ids" in shown["params"]["properties"]
     assert CliRunner().invoke(main, ["steps", "show", "ec2.nope"]).exit_code == 2

@@ -27,6 +27,7 @@ from celery.contrib.testing.worker import start_worker
 from worker.queue_metrics import Backlog, Layout, count_workers, measure, metric_data, publish
 
 ROOT = Path(__file__).resolve().parents[2]
+QUEUE, OTHER = "qm", "qm-other"
 
 
 class Events(NamedTuple):
@@ -34,9 +35,6 @@ class Events(NamedTuple):
 
     started: threading.Event
     release: threading.Event
-
-
-QUEUE, OTHER = "qm", "qm-other"
 
 
 def wait_until(condition: Callable[[], bool], what: str, seconds: float = 15.0) -> None:
@@ -105,8 +103,9 @@ def test_backlog_counts_waiting_priority_and_unacked_messages_of_a_real_worker(
     assert (before[OTHER].waiting, before[OTHER].unacked) == (1, 0)
 
     # When: a worker consumes QUEUE; it holds the countdown ones until their ETA and blocks in one task
-    with start_worker(app, pool="threads", concurrency=1, perform_ping_check=False, queues=[QUEUE],
-                      shutdown_timeout=15):
+    with start_worker(
+        app, pool="threads", concurrency=1, perform_ping_check=False, queues=[QUEUE], shutdown_timeout=15
+    ):
         wait_until(lambda: started.is_set() and redis_client.hlen("unacked") >= 4, "3 held + 1 running")
         during = backlog_of(app, [QUEUE, OTHER])
         workers = count_workers(app, [QUEUE, OTHER], timeout=2.0)
@@ -130,12 +129,13 @@ def test_backlog_follows_global_keyprefix_and_kombu_unacked_entries(
     for _ in range(3):
         app.send_task("qm.any", queue=QUEUE)
     app.send_task("qm.any", queue=QUEUE, countdown=600)
-    assert redis_client.llen(f"pfx:{QUEUE}") == 4 and redis_client.llen(QUEUE) == 0
+    assert (redis_client.llen(f"pfx:{QUEUE}"), redis_client.llen(QUEUE)) == (4, 0)
 
     with app.connection_for_read() as connection:
         channel: Any = connection.default_channel
         held = [channel.basic_get(QUEUE, no_ack=False) for _ in range(2)]
-        assert all(held) and redis_client.hlen("pfx:unacked") == 2
+        assert all(held)
+        assert redis_client.hlen("pfx:unacked") == 2
         layout = Layout.of(channel)
         found = measure(redis.Redis(connection_pool=channel.pool), layout, [QUEUE, OTHER])
 
@@ -150,10 +150,13 @@ def test_scheduled_counts_only_an_eta_still_ahead(redis_client: redis.Redis, red
     app.send_task("qm.any", queue=QUEUE)
     with app.connection_for_read() as connection:
         channel: Any = connection.default_channel
-        assert channel.basic_get(QUEUE, no_ack=False) and channel.basic_get(QUEUE, no_ack=False)
+        held = [channel.basic_get(QUEUE, no_ack=False) for _ in range(2)]
+        assert all(held)
         client = redis.Redis(connection_pool=channel.pool)
         now = measure(client, Layout.of(channel), [QUEUE])[QUEUE]
-        later = measure(client, Layout.of(channel), [QUEUE], now=datetime.now(UTC) + timedelta(hours=1))[QUEUE]
+        later = measure(client, Layout.of(channel), [QUEUE], now=datetime.now(UTC) + timedelta(hours=1))[
+            QUEUE
+        ]
     assert (now.unacked, now.scheduled) == (2, 1)
     assert (later.unacked, later.scheduled) == (2, 0)
 
@@ -182,9 +185,13 @@ def test_publish_puts_backlog_metrics_into_cloudwatch(aws: str) -> None:
     assert {m["MetricName"] for m in listed} == {"Backlog", "BacklogPerWorker", "Workers"}
     dims = [{"Name": "Queue", "Value": QUEUE}, {"Name": "Cluster", "Value": "prod"}]
     stats = cloudwatch.get_metric_statistics(
-        Namespace="StepworkerTest", MetricName="BacklogPerWorker", Dimensions=dims,
-        StartTime=datetime.now(UTC) - timedelta(minutes=5), EndTime=datetime.now(UTC) + timedelta(minutes=1),
-        Period=60, Statistics=["Maximum"],
+        Namespace="StepworkerTest",
+        MetricName="BacklogPerWorker",
+        Dimensions=dims,
+        StartTime=datetime.now(UTC) - timedelta(minutes=5),
+        EndTime=datetime.now(UTC) + timedelta(minutes=1),
+        Period=60,
+        Statistics=["Maximum"],
     )
     assert [point["Maximum"] for point in stats["Datapoints"]] == [5.0]
 
@@ -201,12 +208,22 @@ def test_command_prints_one_json_line_per_sample(redis_client: redis.Redis, redi
     env.pop("STEPWORKER_BROKER_URL", None)
     done = subprocess.run(
         [sys.executable, "-m", "worker.queue_metrics", "--inspect-timeout", "0.5"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     line = json.loads(done.stdout)
     assert line["queues"][QUEUE] == {
-        "queue": QUEUE, "waiting": 1, "unacked": 0, "scheduled": 0, "workers": 0, "backlog": 1,
+        "queue": QUEUE,
+        "waiting": 1,
+        "unacked": 0,
+        "scheduled": 0,
+        "workers": 0,
+        "backlog": 1,
         "backlog_per_worker": 1.0,
     }
     assert line["queues"][OTHER]["backlog"] == 0
@@ -216,6 +233,12 @@ def test_command_rejects_a_malformed_dimension(redis_url: str) -> None:
     env = {**os.environ, "STEPWORKER_REDIS_URL": redis_url}
     done = subprocess.run(
         [sys.executable, "-m", "worker.queue_metrics", "--dimension", "oops"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
-    assert done.returncode == 2 and "Name=Value" in done.stderr
+    assert done.returncode == 2
+    assert "Name=Value" in done.stderr
