@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -18,10 +19,13 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
+from celery import Celery
 
 from worker import sandbox
+from worker.celery_app import celery_config
 from worker.dispatcher import Dispatcher
 from worker.keys import Keys
 from worker.models import Status
@@ -29,6 +33,35 @@ from worker.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = frozenset(str(status) for status in Status if status.terminal)
+
+# The baseline: raw Celery with stepworker's own Celery configuration (worker.celery_app.celery_config) and,
+# since importing worker.celery_app connects its setup_logging hook, the same logging setup in its workers.
+baseline_app = Celery("stepworker-baseline")
+
+
+@baseline_app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    sender.conf.update(celery_config(get_settings()))
+
+
+@functools.cache
+def _counter() -> redis.Redis:
+    return redis.Redis.from_url(get_settings().redis_url)
+
+
+@baseline_app.task(name="bench.noop", acks_late=True, reject_on_worker_lost=True)
+def noop(tag: str, total: int) -> None:
+    """Count one completion under ``tag``; the first and the last also record their time."""
+    done = int(_counter().incr(f"{tag}:count"))
+    if done in (1, total):
+        _counter().set(f"{tag}:t{done}", repr(time.time()))
+
+
+@baseline_app.task(name="bench.sleep", acks_late=True, reject_on_worker_lost=True)
+def sleep_in_slot(tag: str, total: int, seconds: float) -> None:
+    """Wait the way stepworker must not: asleep in a worker slot; then count like ``noop``."""
+    time.sleep(seconds)
+    noop(tag, total)
 
 
 @dataclass
@@ -70,6 +103,21 @@ class Bench:
         argv = ["-m", "worker.cli", "worker", "-Q", self.queue, "-c", str(concurrency), "--pool", "prefork",
                 "-n", f"{name}@%h", "-l", loglevel]
         return self.start_worker(name, argv, **env)
+
+    def start_baseline(self, name: str, queue: str, *, concurrency: int = 2, loglevel: str = "WARNING"
+                       ) -> subprocess.Popen[bytes]:
+        """Start a raw Celery worker for ``baseline_app`` with the flags ``stepworker worker`` uses."""
+        argv = ["-m", "celery", "-A", "benchmarks.common:baseline_app", "worker", "-P", "prefork", "-c",
+                str(concurrency), "-E", "--without-gossip", "-n", f"{name}@%h", "-l", loglevel, "-Q", queue]
+        return self.start_worker(name, argv)
+
+    def baseline_count(self, tag: str) -> int:
+        """How many baseline tasks under ``tag`` have finished."""
+        return int(self.client.get(f"{tag}:count") or 0)
+
+    def baseline_time(self, tag: str, nth: int) -> float:
+        """When the first or the last baseline task under ``tag`` finished."""
+        return float(self.client.get(f"{tag}:t{nth}") or "nan")
 
     def stop_worker(self, name: str) -> None:
         """Cold-stop one worker (SIGQUIT), killing its process group if it hangs."""
@@ -162,29 +210,38 @@ class Ended:
         return sum(1 for value in self.statuses.values() if value == status)
 
 
-def wait_terminal(run: Bench, execution_ids: Sequence[str], *, timeout: float, interval: float = 0.5) -> Ended:
-    """Wait until every execution record is terminal (only the pending ones are re-read each round)."""
+def wait_terminal(run: Bench, execution_ids: Sequence[str], *, timeout: float, interval: float = 0.5,
+                  window: int = 200) -> Ended:
+    """Wait until every execution record is terminal.
+
+    Each round reads the oldest pending records, a window at a time, and stops at the first window that
+    still has a pending one, so waiting costs about one read per execution, not one per execution per round.
+    """
     pending = list(execution_ids)
     statuses: dict[str, str] = {}
     finished: list[float] = []
 
     def check() -> bool:
         nonlocal pending
-        pipe = run.client.pipeline(transaction=False)
-        for execution_id in pending:
-            pipe.hmget(run.keys.execution(execution_id), "status", "finished_at")
-        still: list[str] = []
-        for execution_id, (status, finished_at) in zip(pending, pipe.execute(), strict=True):
-            if status in TERMINAL:
-                statuses[execution_id] = status
-                finished.append(float(finished_at))
-            else:
-                still.append(execution_id)
-        pending = still
-        return not pending
+        while pending:
+            head = pending[:window]
+            pipe = run.client.pipeline(transaction=False)
+            for execution_id in head:
+                pipe.hmget(run.keys.execution(execution_id), "status", "finished_at")
+            still: list[str] = []
+            for execution_id, (status, finished_at) in zip(head, pipe.execute(), strict=True):
+                if status in TERMINAL:
+                    statuses[execution_id] = status
+                    finished.append(float(finished_at))
+                else:
+                    still.append(execution_id)
+            pending = still + pending[window:]
+            if still:
+                return False
+        return True
 
     wait_until(check, timeout=timeout, interval=interval, alive=run.check_workers,
-               what=f"{len(execution_ids)} executions ({len(pending)} still pending)")
+               what=f"{len(execution_ids)} executions")
     return Ended(statuses, sorted(finished))
 
 

@@ -95,7 +95,9 @@ class _Routes:
     """Resolves an unacked entry's exchange and routing key to queue names through kombu's binding tables."""
 
     def __init__(self, client: redis.Redis, layout: Layout) -> None:
-        self.client, self.layout, self.tables = client, layout, dict[str, list[tuple[str, str]]]()
+        self.client = client
+        self.layout = layout
+        self.tables: dict[str, list[tuple[str, str]]] = {}  # exchange -> [(routing key, queue)]
 
     def queues(self, exchange: str, routing_key: str) -> list[str]:
         if not exchange:
@@ -186,13 +188,17 @@ def count_workers(app: Celery, queues: Iterable[str], timeout: float) -> dict[st
 
 
 def metric_data(backlogs: Iterable[Backlog], dimensions: Mapping[str, str]) -> list[dict[str, Any]]:
-    """CloudWatch data points: Backlog, BacklogPerWorker and Workers per queue."""
+    """CloudWatch data points per queue: Backlog, BacklogPerWorker, Scheduled (held polls) and Workers."""
     data: list[dict[str, Any]] = []
     for backlog in backlogs:
         dims = [{"Name": "Queue", "Value": backlog.queue}] + [
             {"Name": k, "Value": v} for k, v in dimensions.items()
         ]
-        values = {"Backlog": float(backlog.total), "BacklogPerWorker": backlog.per_worker}
+        values = {
+            "Backlog": float(backlog.total),
+            "BacklogPerWorker": backlog.per_worker,
+            "Scheduled": float(backlog.scheduled),
+        }
         if backlog.workers is not None:
             values["Workers"] = float(backlog.workers)
         data += [

@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
@@ -19,6 +19,10 @@ from tests.fakes.aws_proxy import AwsProxy, Recorded, Reply
 from tests.integration.conftest import ROOT, Stack
 from worker.context import idempotency_token
 from worker.models import LogEntry, Status
+
+if TYPE_CHECKING:
+    from types_boto3_ec2 import EC2Client
+    from types_boto3_ecs.type_defs import NetworkConfigurationTypeDef
 
 pytestmark = pytest.mark.integration
 
@@ -35,17 +39,6 @@ REDELIVERY = {
 }
 
 
-def start_killable_worker(stack: Stack, **env: str) -> subprocess.Popen[bytes]:
-    """A worker like ``stack.start_worker`` but in its own session, so ``stack.kill_worker`` reaches its pool."""
-    name = f"k{len(stack.workers)}-{stack.prefix}"
-    log = (stack.log_dir / f"{name}.log").open("wb")
-    argv = [sys.executable, "-m", "worker.cli", "worker", "-Q", stack.queue, "-c", "1", "-n", f"{name}@%h"]
-    proc = subprocess.Popen([*argv, "-l", "INFO"], env={**stack.env, **env}, cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    stack.workers.append(proc)
-    return proc
-
-
 def events(stack: Stack, execution: str, name: str) -> list[LogEntry]:
     """The execution's log lines of one event."""
     return [entry for entry in stack.dispatcher.logs(execution) if entry.event == name]
@@ -53,7 +46,7 @@ def events(stack: Stack, execution: str, name: str) -> list[LogEntry]:
 
 def run_one(stack: Stack, step_type: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run a one-step job on a fresh worker; assert it succeeded exactly once; return its outputs."""
-    stack.start_worker(**FAST)
+    stack.start_worker(FAST)
     execution = stack.dispatcher.submit_step(step_type, params)
     view = stack.dispatcher.wait(execution, timeout=60)
     step = view.steps[0]
@@ -61,7 +54,7 @@ def run_one(stack: Stack, step_type: str, params: dict[str, Any]) -> dict[str, A
     return step.outputs
 
 
-def ec2() -> Any:
+def ec2() -> EC2Client:
     return boto3.client("ec2", region_name=REGION)
 
 
@@ -74,6 +67,12 @@ def new_vpc(cidr: str) -> tuple[str, str]:
     vpc_id = ec2().create_vpc(CidrBlock=cidr)["Vpc"]["VpcId"]
     tables = ec2().describe_route_tables(Filters=[{"Name": "vpc-id", "Values": [vpc_id]}])["RouteTables"]
     return vpc_id, tables[0]["RouteTableId"]
+
+
+def instances_where(name: str, value: str) -> set[str]:
+    """Ids of the instances matching one describe filter."""
+    reservations = ec2().describe_instances(Filters=[{"Name": name, "Values": [value]}])["Reservations"]
+    return {i["InstanceId"] for r in reservations for i in r["Instances"]}
 
 
 def routes(table: str) -> dict[str, str]:
@@ -108,13 +107,13 @@ def test_redelivered_launch_does_not_start_a_second_set_of_instances(stack: Stac
     env = {**REDELIVERY, "AWS_ENDPOINT_URL_EC2": proxy.url}
     params = {"snapshot_id": snapshot, "instance_type": "t3.micro", "count": 2, "name": "from-snap"}
     try:
-        first = start_killable_worker(stack, **env)
+        first = stack.start_worker(env, concurrency=1)
         execution = stack.dispatcher.submit_step("ec2.create_from_snapshot", params)
         assert launched.wait(30), "the worker never called RunInstances"
         stack.kill_worker(first)
         killed.set()
         # When a second worker gets the unacked message back after the visibility timeout
-        stack.start_worker(**env)
+        stack.start_worker(env)
         view = stack.dispatcher.wait(execution, timeout=60)
     finally:
         killed.set()
@@ -125,12 +124,9 @@ def test_redelivered_launch_does_not_start_a_second_set_of_instances(stack: Stac
     assert stack.client.get(stack.dispatcher.store.keys.deliveries(execution, 0, 0)) == "2"
     operations = proxy.operations()
     assert (operations.count("RegisterImage"), operations.count("RunInstances")) == (1, 1)
-    token_tag = [{"Name": "tag:stepworker:token", "Values": [idempotency_token(execution, 0)]}]
-    by_token = ec2().describe_instances(Filters=token_tag)["Reservations"]
-    by_image = ec2().describe_instances(Filters=[{"Name": "image-id", "Values": [step.outputs["image_id"]]}])
-    tagged = {i["InstanceId"] for r in by_token for i in r["Instances"]}
+    tagged = instances_where("tag:stepworker:token", idempotency_token(execution, 0))
     assert len(tagged) == 2
-    assert {i["InstanceId"] for r in by_image["Reservations"] for i in r["Instances"]} == tagged
+    assert instances_where("image-id", step.outputs["image_id"]) == tagged
     assert set(step.outputs["instance_ids"]) == tagged
     assert [e.fields["reused"] for e in events(stack, execution, "ec2.launched")] == [True]
 
@@ -163,8 +159,10 @@ def test_peering_accepted_and_routed_both_ways(stack: Stack) -> None:
     })  # fmt: skip
     peering_id = outputs["peering_id"]
     assert (outputs["status"], outputs["requester_vpc_id"], outputs["accepter_vpc_id"]) == ("active", vpc_id, peer_id)
-    assert outputs["routes"] == [{"route_table_id": table, "destination": "10.2.0.0/16"},
-                                 {"route_table_id": peer_table, "destination": "10.1.0.0/16"}]
+    assert outputs["routes"] == [
+        {"route_table_id": table, "destination": "10.2.0.0/16"},
+        {"route_table_id": peer_table, "destination": "10.1.0.0/16"},
+    ]
     found = ec2().describe_vpc_peering_connections(VpcPeeringConnectionIds=[peering_id])["VpcPeeringConnections"]
     assert found[0]["Status"]["Code"] == "active"
     assert routes(table) == {"10.2.0.0/16": peering_id}
@@ -173,14 +171,21 @@ def test_peering_accepted_and_routed_both_ways(stack: Stack) -> None:
 
 def test_autoscaling_update_waits_for_the_new_capacity(stack: Stack) -> None:
     """moto scales the group at once, so the wait ends on its first check."""
-    ec2().create_launch_template(LaunchTemplateName="web",
-                                 LaunchTemplateData={"ImageId": amazon_image(), "InstanceType": "t3.micro"})
+    ec2().create_launch_template(
+        LaunchTemplateName="web", LaunchTemplateData={"ImageId": amazon_image(), "InstanceType": "t3.micro"}
+    )
     asg = boto3.client("autoscaling", region_name=REGION)
-    asg.create_auto_scaling_group(AutoScalingGroupName="web", MinSize=1, MaxSize=2, DesiredCapacity=1,
-                                  LaunchTemplate={"LaunchTemplateName": "web", "Version": "$Latest"},
-                                  AvailabilityZones=[f"{REGION}a"])
-    outputs = run_one(stack, "autoscaling.update_group",
-                      {"group_name": "web", "max_size": 4, "desired_capacity": 3, "wait": True})
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName="web",
+        MinSize=1,
+        MaxSize=2,
+        DesiredCapacity=1,
+        LaunchTemplate={"LaunchTemplateName": "web", "Version": "$Latest"},
+        AvailabilityZones=[f"{REGION}a"],
+    )
+    outputs = run_one(
+        stack, "autoscaling.update_group", {"group_name": "web", "max_size": 4, "desired_capacity": 3, "wait": True}
+    )
     assert outputs["before"] == {"min_size": 1, "max_size": 2, "desired_capacity": 1, "instances": 1, "in_service": 1}
     assert outputs["after"] == {"min_size": 1, "max_size": 4, "desired_capacity": 3, "instances": 3, "in_service": 3}
     [group] = asg.describe_auto_scaling_groups(AutoScalingGroupNames=["web"])["AutoScalingGroups"]
@@ -197,12 +202,18 @@ def test_ecs_stop_task(stack: Stack) -> None:
     )  # fmt: skip
     subnet = ec2().describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"][0]
     group = ec2().describe_security_groups(GroupNames=["default"])["SecurityGroups"][0]
-    network = {"awsvpcConfiguration": {"subnets": [subnet["SubnetId"]], "securityGroups": [group["GroupId"]]}}
-    tasks = ecs.run_task(cluster="jobs", taskDefinition="batch", launchType="FARGATE", count=3,
-                         networkConfiguration=network)["tasks"]
+    network: NetworkConfigurationTypeDef = {
+        "awsvpcConfiguration": {"subnets": [subnet["SubnetId"]], "securityGroups": [group["GroupId"]]}
+    }
+    tasks = ecs.run_task(
+        cluster="jobs", taskDefinition="batch", launchType="FARGATE", count=3, networkConfiguration=network
+    )["tasks"]
     arns = [t["taskArn"] for t in tasks]
-    outputs = run_one(stack, "ecs.stop_task",
-                      {"cluster": "jobs", "task_ids": [arns[0], arns[1].rpartition("/")[2]], "reason": "maintenance"})
+    outputs = run_one(
+        stack,
+        "ecs.stop_task",
+        {"cluster": "jobs", "task_ids": [arns[0], arns[1].rpartition("/")[2]], "reason": "maintenance"},
+    )
     assert outputs["count"] == 2
     assert {t["arn"] for t in outputs["tasks"]} == set(arns[:2])
     described = {t["taskArn"]: t for t in ecs.describe_tasks(cluster="jobs", tasks=arns)["tasks"]}
@@ -214,14 +225,20 @@ def test_capture_snapshot_of_an_instance(stack: Stack) -> None:
     reply = ec2().run_instances(ImageId=amazon_image(), InstanceType="t3.micro", MinCount=1, MaxCount=1)
     instance = reply["Instances"][0]
     volume = instance["BlockDeviceMappings"][0]["Ebs"]["VolumeId"]
-    outputs = run_one(stack, "ec2.capture_snapshot",
-                      {"instance_id": instance["InstanceId"], "name": "nightly", "tags": {"team": "ops"}})
+    outputs = run_one(
+        stack,
+        "ec2.capture_snapshot",
+        {"instance_id": instance["InstanceId"], "name": "nightly", "tags": {"team": "ops"}},
+    )
     [snapshot_id] = outputs["snapshot_ids"]
     assert outputs["snapshots"] == [{"volume_id": volume, "snapshot_id": snapshot_id, "state": "completed"}]
     [snapshot] = ec2().describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
     tags = {t["Key"]: t["Value"] for t in snapshot["Tags"]}
     assert (snapshot["VolumeId"], snapshot["Description"], tags["Name"], tags["team"]) == (
-        volume, "nightly", "nightly", "ops"
+        volume,
+        "nightly",
+        "nightly",
+        "ops",
     )
 
 
@@ -244,8 +261,15 @@ def test_guard_refuses_at_submit(stack: Stack, step_type: str, params: dict[str,
     # Given the broker's shared unacked hash as it is now
     unacked = stack.client.hlen("unacked")
     # When the CLI submits the step
-    done = subprocess.run([sys.executable, "-m", "worker.cli", "submit", step_type, "--params", json.dumps(params)],
-                          env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "submit", step_type, "--params", json.dumps(params)],
+        env=stack.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     # Then it exits 2 naming the problem, and nothing was written or queued
     assert done.returncode == 2, done.stderr
     assert done.stdout == ""

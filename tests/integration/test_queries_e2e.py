@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +18,7 @@ import pytest
 
 from tests.fakes.aws_proxy import AwsProxy, Recorded, Reply
 from tests.fakes.logs_insights import LogsInsightsFake
-from tests.integration.conftest import ROOT, Stack
+from tests.integration.conftest import Stack
 from worker import sandbox
 from worker.context import idempotency_token
 from worker.models import LogEntry, Status
@@ -54,17 +52,6 @@ def wait_until(check: Callable[[], T | None], what: str, timeout: float = 30.0) 
     raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
 
 
-def start_killable_worker(stack: Stack, **env: str) -> subprocess.Popen[bytes]:
-    """A worker like ``stack.start_worker`` but in its own session, so ``stack.kill_worker`` reaches its pool."""
-    name = f"k{len(stack.workers)}-{stack.prefix}"
-    log = (stack.log_dir / f"{name}.log").open("wb")
-    argv = [sys.executable, "-m", "worker.cli", "worker", "-Q", stack.queue, "-c", "1", "-n", f"{name}@%h"]
-    proc = subprocess.Popen([*argv, "-l", "INFO"], env={**stack.env, **env}, cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    stack.workers.append(proc)
-    return proc
-
-
 def step_state(stack: Stack, execution: str) -> dict[str, Any]:
     """The first step's checkpointed state, read from its raw Redis record."""
     record = stack.dispatcher.store.step_record(execution, 0)
@@ -94,7 +81,7 @@ def athena_transition(aws_url: str, times: int) -> Iterator[None]:
 
 def seed_athena(aws_url: str) -> None:
     """Queue one result set in moto: a header row, then ROWS (None is SQL NULL: no VarCharValue)."""
-    rows = [COLUMNS, *ROWS]
+    rows: list[list[str | None]] = [list(COLUMNS), *ROWS]
     data = [{"Data": [{} if value is None else {"VarCharValue": value} for value in row]} for row in rows]
     info = [{"Name": name, "Type": "varchar"} for name in COLUMNS]
     body = {"results": [{"rows": data, "column_info": info}]}
@@ -112,7 +99,7 @@ def test_athena_query_end_to_end(stack: Stack) -> None:
     """moto runs no SQL: its seeded result queue stands in for the query, its state manager for the wait."""
     # Given seeded rows, executions that take two polls per state, and a worker
     seed_athena(stack.aws_url)
-    stack.start_worker(**FAST)
+    stack.start_worker(FAST)
     with athena_transition(stack.aws_url, times=2):
         # When the query runs through the worker
         execution = stack.dispatcher.submit_step("athena.query", athena_params(), name="fleet report")
@@ -144,13 +131,17 @@ def test_athena_query_end_to_end(stack: Stack) -> None:
     [table] = events(stack, execution, "table")
     assert table.fields["title"] == "Athena query results"
     assert table.fields["columns"] == COLUMNS
-    assert table.fields["rows"] == [["i-0001", "running", "3"], ["i-0002", "Null Value", "0"], ["i-0003", "stopped", "7"]]
+    assert table.fields["rows"] == [
+        ["i-0001", "running", "3"],
+        ["i-0002", "Null Value", "0"],
+        ["i-0003", "stopped", "7"],
+    ]
 
 
 def test_cancel_stops_a_running_athena_query(stack: Stack) -> None:
     """moto's state manager holds the query in RUNNING (one state per 40 gets); StopQueryExecution is moto's own."""
     athena = boto3.client("athena", region_name="us-east-1")
-    stack.start_worker(**FAST)
+    stack.start_worker(FAST)
     with athena_transition(stack.aws_url, times=40):
         # Given a query the worker has started and polled
         execution = stack.dispatcher.submit_step("athena.query", athena_params())
@@ -207,13 +198,13 @@ def test_redelivered_start_does_not_start_a_second_athena_query(stack: Stack) ->
     env = {**REDELIVERY, "AWS_ENDPOINT_URL_ATHENA": proxy.url}
     try:
         # Given a worker killed (its whole process group) while StartQueryExecution's reply is held
-        first = start_killable_worker(stack, **env)
+        first = stack.start_worker(env, concurrency=1)
         execution = stack.dispatcher.submit_step("athena.query", athena_params())
         assert started.wait(30), "the worker never called StartQueryExecution"
         stack.kill_worker(first)
         killed.set()
         # When a second worker gets the unacked message back after the visibility timeout
-        stack.start_worker(**env)
+        stack.start_worker(env)
         view = stack.dispatcher.wait(execution, timeout=60)
     finally:
         killed.set()
@@ -233,19 +224,24 @@ def test_redelivered_start_does_not_start_a_second_athena_query(stack: Stack) ->
 
 
 def logs_params(**extra: Any) -> dict[str, Any]:
-    return {"query": "fields @timestamp, @message | filter @message like /ERROR/", "log_group_name": "/app/web",
-            **extra}
+    return {
+        "query": "fields @timestamp, @message | filter @message like /ERROR/",
+        "log_group_name": "/app/web",
+        **extra,
+    }
 
 
 def test_logs_insights_query_polls_until_complete(stack: Stack) -> None:
     """The Logs Insights fake: moto completes queries at once and reports no statistics."""
-    rows = [{"@timestamp": "2026-11-28 01:00:00.000", "@message": "ERROR disk full"},
-            {"@timestamp": "2026-11-28 00:59:00.000", "@message": "ERROR timeout"}]
+    rows = [
+        {"@timestamp": "2026-11-28 01:00:00.000", "@message": "ERROR disk full"},
+        {"@timestamp": "2026-11-28 00:59:00.000", "@message": "ERROR timeout"},
+    ]
     statistics = {"recordsMatched": 2.0, "recordsScanned": 40.0, "bytesScanned": 4096.0}
     fake = LogsInsightsFake(running_polls=2, rows=rows, statistics=statistics).start()
     try:
         # Given a query that runs for two polls
-        stack.start_worker(**FAST, AWS_ENDPOINT_URL_CLOUDWATCH_LOGS=fake.url)
+        stack.start_worker({**FAST, "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS": fake.url})
         # When it runs through the worker over the past hour
         execution = stack.dispatcher.submit_step("logs.query", logs_params(past=1, unit="hours", limit=100))
         view = stack.dispatcher.wait(execution, timeout=60)
@@ -258,15 +254,24 @@ def test_logs_insights_query_polls_until_complete(stack: Stack) -> None:
     assert (start["logGroupNames"], start["queryString"], start["limit"]) == (["/app/web"], logs_params()["query"], 100)
     assert start["endTime"] - start["startTime"] in (3600, 3601)
     query_id = step.outputs["query_id"]
-    assert step.outputs == {"query_id": query_id, "status": "Complete", "records_matched": 2, "records_scanned": 40,
-                            "bytes_scanned": 4096, "row_count": 2, "truncated": False}
+    assert step.outputs == {
+        "query_id": query_id,
+        "status": "Complete",
+        "records_matched": 2,
+        "records_scanned": 40,
+        "bytes_scanned": 4096,
+        "row_count": 2,
+        "truncated": False,
+    }
     assert fake.operations() == ["StartQuery", "GetQueryResults", "GetQueryResults", "GetQueryResults"]
     assert step.columns == ["@timestamp", "@message"]
     assert list(stack.dispatcher.rows(execution, 0)) == [list(row.values()) for row in rows]
     assert [e.fields["status"] for e in events(stack, execution, "logs.status")] == ["Running", "Complete"]
     [table] = events(stack, execution, "table")
-    assert (table.fields["title"], table.fields["rows"]) == ("CloudWatch Logs query results",
-                                                             [list(row.values()) for row in rows])
+    assert (table.fields["title"], table.fields["rows"]) == (
+        "CloudWatch Logs query results",
+        [list(row.values()) for row in rows],
+    )
 
 
 def test_cancel_stops_a_running_logs_insights_query(stack: Stack) -> None:
@@ -274,7 +279,7 @@ def test_cancel_stops_a_running_logs_insights_query(stack: Stack) -> None:
     fake = LogsInsightsFake(running_polls=None).start()
     try:
         # Given a query that stays Running, started and polled by the worker
-        stack.start_worker(**FAST, AWS_ENDPOINT_URL_CLOUDWATCH_LOGS=fake.url)
+        stack.start_worker({**FAST, "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS": fake.url})
         execution = stack.dispatcher.submit_step("logs.query", logs_params(past=15))
         wait_until(lambda: stack.dispatcher.status(execution).steps[0].polls >= 1, "the first poll")
         query_id = step_state(stack, execution)["query_id"]

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from click.testing import CliRunner
 
@@ -134,3 +135,19 @@ def test_command_check_mode_exits_1_on_stale_files_and_0_after_writing(tmp_path:
     assert written.exit_code == 0
 
     assert runner.invoke(iam.main, ["--out", str(tmp_path), "--check"]).exit_code == 0
+
+
+def test_iam_accepts_every_document(aws: str) -> None:
+    """moto's server validates policy grammar on CreatePolicy / CreateRole (not what AWS would authorize)."""
+    client = boto3.client("iam", region_name="us-east-1")
+    for name, document in iam.render().items():
+        text = json.dumps(document)
+        slug = re.sub(r"[^A-Za-z0-9+=,.@_-]", "-", name)
+        if name.endswith("trust-policy.json"):
+            client.create_role(RoleName=slug[:64], AssumeRolePolicyDocument=text)
+        else:
+            client.create_policy(PolicyName=slug[:128], PolicyDocument=text)
+    with pytest.raises(client.exceptions.MalformedPolicyDocumentException):
+        client.create_policy(
+            PolicyName="broken", PolicyDocument=json.dumps(iam.policy(iam.statement("X", ["nope"])))
+        )

@@ -180,9 +180,9 @@ def test_publish_puts_backlog_metrics_into_cloudwatch(aws: str) -> None:
 
     sent = publish(cloudwatch, "StepworkerTest", backlogs, {"Cluster": "prod"})
 
-    assert sent == 6
+    assert sent == 8
     listed = cloudwatch.list_metrics(Namespace="StepworkerTest")["Metrics"]
-    assert {m["MetricName"] for m in listed} == {"Backlog", "BacklogPerWorker", "Workers"}
+    assert {m["MetricName"] for m in listed} == {"Backlog", "BacklogPerWorker", "Scheduled", "Workers"}
     dims = [{"Name": "Queue", "Value": QUEUE}, {"Name": "Cluster", "Value": "prod"}]
     stats = cloudwatch.get_metric_statistics(
         Namespace="StepworkerTest",
@@ -198,7 +198,7 @@ def test_publish_puts_backlog_metrics_into_cloudwatch(aws: str) -> None:
 
 def test_metric_data_leaves_workers_out_when_not_counted() -> None:
     names = [d["MetricName"] for d in metric_data([Backlog(QUEUE, 1, 0, 0)], {})]
-    assert names == ["Backlog", "BacklogPerWorker"]
+    assert names == ["Backlog", "BacklogPerWorker", "Scheduled"]
 
 
 def test_command_prints_one_json_line_per_sample(redis_client: redis.Redis, redis_url: str) -> None:
