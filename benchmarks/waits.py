@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python -m benchmarks.waits [--n 1000] [--seconds 5]``.
 
 stepworker never sleeps in a worker slot: a pause is a countdown message, so the wall time should be about
-S plus the time to run 2 × N short phases. The baseline, measured in the same run on a small sample, is raw
+S plus the time to run 2 x N short phases. The baseline, measured in the same run on a small sample, is raw
 Celery (``benchmarks.common.baseline_app``, same configuration and worker flags) with a task that sleeps
 S seconds in its slot; its rate is extrapolated to N.
 

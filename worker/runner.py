@@ -21,7 +21,7 @@ import structlog
 
 from steps.base import Done, Step, get_step
 from steps.errors import Permanent, Transient
-from worker import celery_app
+from worker import celery_app, redaction
 from worker import logging as worker_logging
 from worker.aws_errors import classify
 from worker.context import PhaseContext
@@ -229,7 +229,7 @@ class Runner:
             final = "auto"
         fields: dict[str, Any] = {"outputs": json.dumps(dict(result.outputs), default=str)}
         if result.error:
-            fields["error"] = json.dumps(result.error)
+            fields["error"] = json.dumps(redaction.redact_value("error", dict(result.error)))
         fields.update(result.audit)
         done = self.store.finish_step(execution_id, index, phase, result.status, step_count=step_count,
                                       next_index=next_index, execution_status=final, fields=fields, logs=lines)

@@ -107,6 +107,7 @@ def stack(redis_url: str, aws: str, tmp_path: Path) -> Iterator[Stack]:
         "STEPWORKER_DEFAULT_QUEUE": queue,
         "STEPWORKER_POLL_MIN_SECONDS": "0.2",
         "STEPWORKER_POLL_MAX_SECONDS": "2",
+        "STEPWORKER_SOFT_SHUTDOWN_TIMEOUT": "0",  # tests stop workers at once (cold shutdown)
         "PYTHONPATH": str(ROOT),
     }
     settings = Settings(

@@ -372,10 +372,6 @@ def test_the_secret_appears_nowhere(stack: Stack, proxy: AwsProxy, published: Pu
     assert leaks(secret, texts) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the runner stores a step's error message without redaction (worker/runner.py _finish)",
-)
 def test_an_error_that_echoes_the_secret_is_masked_in_the_step_record(stack: Stack, proxy: AwsProxy) -> None:
     """Worst case: the far end echoes the secret itself; the worker registered it, so it must mask it."""
     secret, master = new_secret(), new_master_key()
