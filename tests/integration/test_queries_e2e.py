@@ -27,14 +27,12 @@ pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
 
-# Quick polls, and a cold shutdown at teardown (the default soft shutdown waits 25 s even when idle).
-FAST = {"STEPWORKER_POLL_MAX_SECONDS": "0.5", "STEPWORKER_SOFT_SHUTDOWN_TIMEOUT": "0"}
+FAST = {"STEPWORKER_POLL_MAX_SECONDS": "0.5"}  # quick polls
 # A killed worker's unacked message comes back after 10 s (kombu checks every second).
 REDELIVERY = {
     "STEPWORKER_VISIBILITY_TIMEOUT": "10",
     "STEPWORKER_POLL_MAX_SECONDS": "1",
     "STEPWORKER_BROKER_TRANSPORT_OPTIONS": json.dumps({"unacked_restore_interval": 1, "unacked_restore_throttle": 1}),
-    "STEPWORKER_SOFT_SHUTDOWN_TIMEOUT": "0",
 }
 QUERY = "SELECT instance_id, state, cnt FROM ops.fleet"
 COLUMNS = ["instance_id", "state", "cnt"]
