@@ -74,6 +74,19 @@ class LocalContext:
         return len(self.rows) < self.max_rows
 
 
+class PagingContext(LocalContext):
+    """A LocalContext that also records the size of every add_rows call."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pages: list[int] = []
+
+    def add_rows(self, rows: Iterable[Sequence[Any]]) -> bool:
+        rows = list(rows)
+        self.pages.append(len(rows))
+        return super().add_rows(rows)
+
+
 def run_step(
     step: type[Step],
     params: Mapping[str, Any] | StepParams,

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import boto3
 import botocore.session
@@ -44,14 +44,6 @@ from worker.settings import CredentialProvider as ProviderName
 from worker.settings import Settings
 
 if TYPE_CHECKING:
-    from types_boto3_athena import AthenaClient
-    from types_boto3_autoscaling import AutoScalingClient
-    from types_boto3_ec2 import EC2Client
-    from types_boto3_ecs import ECSClient
-    from types_boto3_logs import CloudWatchLogsClient
-    from types_boto3_ssm import SSMClient
-    from types_boto3_sts import STSClient
-
     from worker.keystore import KeyReader
 
 Layer = Literal["step", "project", "system"]
@@ -341,24 +333,11 @@ class AwsAccess:
         self._principal: str | None = None
         self._lock = threading.Lock()
 
-    @overload
-    def client(self, service: Literal["athena"]) -> AthenaClient: ...
-    @overload
-    def client(self, service: Literal["autoscaling"]) -> AutoScalingClient: ...
-    @overload
-    def client(self, service: Literal["ec2"]) -> EC2Client: ...
-    @overload
-    def client(self, service: Literal["ecs"]) -> ECSClient: ...
-    @overload
-    def client(self, service: Literal["logs"]) -> CloudWatchLogsClient: ...
-    @overload
-    def client(self, service: Literal["ssm"]) -> SSMClient: ...
-    @overload
-    def client(self, service: Literal["sts"]) -> STSClient: ...
-    @overload
-    def client(self, service: str) -> Any: ...
     def client(self, service: str) -> Any:
-        """A boto3 client for this configuration (one per service, created on first use)."""
+        """A boto3 client for this configuration (one per service, created on first use).
+
+        Steps see these through ``StepContext.client``, which carries the per-service types.
+        """
         with self._lock:
             found = self._clients.get(service)
             if found is None:

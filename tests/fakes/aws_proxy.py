@@ -12,7 +12,9 @@ import threading
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.fakes.server import LoopbackServer
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ Reply = tuple[int, dict[str, str], bytes]
 Hook = Callable[[Recorded], Reply | None]
 
 
-class AwsProxy:
+class AwsProxy(LoopbackServer):
     """Forward every request to ``target``, record it, and let a hook answer instead."""
 
     def __init__(self, target: str) -> None:
@@ -54,23 +56,7 @@ class AwsProxy:
         self.hook: Hook | None = None
         self.after: Callable[[Recorded, Reply], None] | None = None
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        """The proxy's base URL."""
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> AwsProxy:
-        """Start serving in a background thread."""
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
+        self._bind(self._handler())
 
     def operations(self) -> list[str]:
         """The operations seen so far, in order."""

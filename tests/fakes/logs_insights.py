@@ -15,8 +15,10 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.fakes.server import LoopbackServer
 
 TARGET_PREFIX = "Logs_20140328."
 CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -50,7 +52,7 @@ class AwsError(Exception):
 
 
 @dataclass
-class LogsInsightsFake:
+class LogsInsightsFake(LoopbackServer):
     """StartQuery / GetQueryResults / StopQuery with scripted results; records every call."""
 
     running_polls: int | None = None
@@ -61,23 +63,7 @@ class LogsInsightsFake:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        """The fake's endpoint URL."""
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> LogsInsightsFake:
-        """Serve in a background thread."""
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
+        self._bind(self._handler())
 
     def operations(self) -> list[str]:
         """The operations called so far, in order."""

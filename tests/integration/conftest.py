@@ -6,8 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +17,16 @@ import redis
 
 from worker import sandbox
 from worker.dispatcher import Dispatcher
+from worker.models import ExecutionView
 from worker.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parents[2]
+# A killed worker's unacked message comes back after 10 s (kombu sweeps for expired ones every second).
+FAST_REDELIVERY = {
+    "STEPWORKER_VISIBILITY_TIMEOUT": "10",
+    "STEPWORKER_POLL_MAX_SECONDS": "1",
+    "STEPWORKER_BROKER_TRANSPORT_OPTIONS": '{"unacked_restore_interval": 1, "unacked_restore_throttle": 1}',
+}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -80,6 +88,24 @@ class Stack:
         """SIGKILL a worker and its pool processes at once (a crash: nothing is acked or restored)."""
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+    def crash_and_redeliver(self, env: Mapping[str, str], submit: Callable[[], str], reached: threading.Event,
+                            released: threading.Event) -> tuple[str, ExecutionView]:
+        """Run ``submit`` on a worker that is SIGKILLed once ``reached`` is set; a second worker redelivers.
+
+        ``released`` is set once the first worker is dead (a proxy hook can hold a reply until then).
+        ``env`` should include FAST_REDELIVERY so the unacked message comes back within seconds.
+        """
+        try:
+            first = self.start_worker(env, concurrency=1)
+            execution = submit()
+            assert reached.wait(30), "the worker never reached the crash point"
+            self.kill_worker(first)
+            released.set()
+            self.start_worker(env)
+            return execution, self.dispatcher.wait(execution, timeout=60)
+        finally:
+            released.set()
 
     def stop(self) -> None:
         """Stop every worker (cold shutdown), killing any that hang."""

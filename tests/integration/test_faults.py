@@ -6,18 +6,11 @@ import time
 
 import pytest
 
-from tests.integration.conftest import Stack
+from tests.integration.conftest import FAST_REDELIVERY, Stack
 from worker.models import Status
 
 pytestmark = pytest.mark.integration
 
-# A short visibility timeout, and kombu sweeping for expired unacked messages every second,
-# so the killed worker's held message comes back within seconds instead of an hour.
-FAST_REDELIVERY = {
-    "STEPWORKER_VISIBILITY_TIMEOUT": "10",
-    "STEPWORKER_POLL_MAX_SECONDS": "1",
-    "STEPWORKER_BROKER_TRANSPORT_OPTIONS": '{"unacked_restore_interval": 1, "unacked_restore_throttle": 1}',
-}
 
 
 def wait_until(predicate: object, seconds: float = 30.0) -> None:

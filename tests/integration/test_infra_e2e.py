@@ -16,7 +16,7 @@ import boto3
 import pytest
 
 from tests.fakes.aws_proxy import AwsProxy, Recorded, Reply
-from tests.integration.conftest import ROOT, Stack
+from tests.integration.conftest import FAST_REDELIVERY, ROOT, Stack
 from worker.context import idempotency_token
 from worker.models import LogEntry, Status
 
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.integration
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 FAST = {"STEPWORKER_POLL_MAX_SECONDS": "0.5"}  # quick polls
-# A killed worker's unacked message comes back after 10 s (kombu checks every second).
-REDELIVERY = {
-    "STEPWORKER_VISIBILITY_TIMEOUT": "10",
-    "STEPWORKER_POLL_MAX_SECONDS": "1",
-    "STEPWORKER_BROKER_TRANSPORT_OPTIONS": json.dumps({"unacked_restore_interval": 1, "unacked_restore_throttle": 1}),
-}
 
 
 def events(stack: Stack, execution: str, name: str) -> list[LogEntry]:
@@ -102,19 +96,13 @@ def test_redelivered_launch_does_not_start_a_second_set_of_instances(stack: Stac
             killed.wait(30)
 
     proxy.after = hold_launch_reply
-    env = {**REDELIVERY, "AWS_ENDPOINT_URL_EC2": proxy.url}
+    env = {**FAST_REDELIVERY, "AWS_ENDPOINT_URL_EC2": proxy.url}
     params = {"snapshot_id": snapshot, "instance_type": "t3.micro", "count": 2, "name": "from-snap"}
     try:
-        first = stack.start_worker(env, concurrency=1)
-        execution = stack.dispatcher.submit_step("ec2.create_from_snapshot", params)
-        assert launched.wait(30), "the worker never called RunInstances"
-        stack.kill_worker(first)
-        killed.set()
         # When a second worker gets the unacked message back after the visibility timeout
-        stack.start_worker(env)
-        view = stack.dispatcher.wait(execution, timeout=60)
+        execution, view = stack.crash_and_redeliver(
+            env, lambda: stack.dispatcher.submit_step("ec2.create_from_snapshot", params), launched, killed)
     finally:
-        killed.set()
         proxy.stop()
     # Then the redelivered phase found the tagged instances instead of launching more
     step = view.steps[0]

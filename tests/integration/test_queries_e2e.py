@@ -18,7 +18,7 @@ import pytest
 
 from tests.fakes.aws_proxy import AwsProxy, Recorded, Reply
 from tests.fakes.logs_insights import LogsInsightsFake
-from tests.integration.conftest import Stack
+from tests.integration.conftest import FAST_REDELIVERY, Stack
 from worker import sandbox
 from worker.context import idempotency_token
 from worker.models import LogEntry, Status
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.integration
 T = TypeVar("T")
 
 FAST = {"STEPWORKER_POLL_MAX_SECONDS": "0.5"}  # quick polls
-# A killed worker's unacked message comes back after 10 s (kombu checks every second).
-REDELIVERY = {
-    "STEPWORKER_VISIBILITY_TIMEOUT": "10",
-    "STEPWORKER_POLL_MAX_SECONDS": "1",
-    "STEPWORKER_BROKER_TRANSPORT_OPTIONS": json.dumps({"unacked_restore_interval": 1, "unacked_restore_throttle": 1}),
-}
 QUERY = "SELECT instance_id, state, cnt FROM ops.fleet"
 COLUMNS = ["instance_id", "state", "cnt"]
 ROWS: list[list[str | None]] = [["i-0001", "running", "3"], ["i-0002", None, "0"], ["i-0003", "stopped", "7"]]
@@ -193,19 +187,13 @@ def test_redelivered_start_does_not_start_a_second_athena_query(stack: Stack) ->
         return first_reply[token]
 
     proxy.hook = idempotent_start
-    env = {**REDELIVERY, "AWS_ENDPOINT_URL_ATHENA": proxy.url}
+    env = {**FAST_REDELIVERY, "AWS_ENDPOINT_URL_ATHENA": proxy.url}
     try:
-        # Given a worker killed (its whole process group) while StartQueryExecution's reply is held
-        first = stack.start_worker(env, concurrency=1)
-        execution = stack.dispatcher.submit_step("athena.query", athena_params())
-        assert started.wait(30), "the worker never called StartQueryExecution"
-        stack.kill_worker(first)
-        killed.set()
-        # When a second worker gets the unacked message back after the visibility timeout
-        stack.start_worker(env)
-        view = stack.dispatcher.wait(execution, timeout=60)
+        # Given a worker killed (its whole process group) while StartQueryExecution's reply is held,
+        # when a second worker gets the unacked message back after the visibility timeout
+        execution, view = stack.crash_and_redeliver(
+            env, lambda: stack.dispatcher.submit_step("athena.query", athena_params()), started, killed)
     finally:
-        killed.set()
         proxy.stop()
     # Then the redelivered start reused the token and Athena ran exactly one query, finished once
     step = view.steps[0]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import boto3
@@ -17,31 +17,13 @@ from structlog.testing import capture_logs
 from steps.athena import QueryAthena, batch_states, console_url
 from steps.base import Done, Poll
 from steps.errors import RemoteFailed
-from tests.harness import LocalContext, assert_within_iam, run_step
+from tests.harness import LocalContext, PagingContext, assert_within_iam, run_step
 from worker import sandbox
 
 QUERY = "SELECT instance_id, cnt FROM ops.counts"
 URL = "https://us-east-1.console.aws.amazon.com/athena/home?region=us-east-1#/query-editor/history/{}"
 
 
-class PagingContext(LocalContext):
-    """A LocalContext that also records the size of every add_rows call."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.pages: list[int] = []
-
-    def add_rows(self, rows: Iterable[Sequence[Any]]) -> bool:
-        rows = list(rows)
-        self.pages.append(len(rows))
-        return super().add_rows(rows)
-
-
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dummy credentials for Stubber tests (nothing leaves the process)."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY")
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ DescribeQueryDefinitions: the moto tests use only ``fields``/``sort``/``limit``,
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from steps.base import Done, Poll, StepParams
 from steps.errors import Permanent, RemoteFailed
 from steps.logs import CreateLogStream, QueryLogs, RunSavedQuery
-from tests.harness import LocalContext, assert_within_iam, run_step
+from tests.harness import LocalContext, PagingContext, assert_within_iam, run_step
 
 if TYPE_CHECKING:
     from types_boto3_logs.type_defs import InputLogEventTypeDef
@@ -30,24 +30,6 @@ if TYPE_CHECKING:
 FIELDS_QUERY = "fields @timestamp, @message | sort @timestamp asc"
 
 
-class PagingContext(LocalContext):
-    """A LocalContext that also records the size of every add_rows call."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.pages: list[int] = []
-
-    def add_rows(self, rows: Iterable[Sequence[Any]]) -> bool:
-        rows = list(rows)
-        self.pages.append(len(rows))
-        return super().add_rows(rows)
-
-
-@pytest.fixture
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dummy credentials for Stubber tests (nothing leaves the process)."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY")
 
 
 def stubbed(ctx: LocalContext) -> Stubber:

@@ -660,7 +660,7 @@ def test_access_key_secret_is_read_once(aws: str) -> None:
 def test_clients_carry_standard_retries_and_the_stepworker_user_agent(aws: str) -> None:
     acc = access(resolve(None, None, system(aws_region="us-east-1")), execution_id="E", keys=DictKeys())
     client = acc.client("sts")
-    assert client.meta.config.retries == {"mode": "standard"}  # type: ignore[attr-defined]
+    assert client.meta.config.retries == {"mode": "standard"}
     agents: list[str] = []
     client.meta.events.register("before-send", lambda request, **_: agents.append(request.headers["User-Agent"]))
     client.get_caller_identity()
