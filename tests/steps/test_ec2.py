@@ -13,15 +13,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from steps.base import Done, Poll, Step
-from steps.ec2 import (
-    DELIVERY_TAG,
-    CaptureSnapshot,
-    CreateInstancesFromSnapshot,
-    RebootInstances,
-    StartInstances,
-    StopInstances,
-    TerminateInstances,
-)
+from steps.ec2 import DELIVERY_TAG, RebootInstances, StartInstances, StopInstances, TerminateInstances
+from steps.ec2_images import CaptureSnapshot, CreateInstancesFromSnapshot
 from steps.errors import Permanent, RemoteFailed, Transient
 from tests.harness import LocalContext, assert_within_iam, run_step
 
