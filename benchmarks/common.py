@@ -91,24 +91,60 @@ class Bench:
         """Start a worker process (its own process group, output to a log file)."""
         with (self.log_dir / f"{name}.log").open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, *argv], env={**self.env, **env}, cwd=ROOT, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                [sys.executable, *argv],
+                env={**self.env, **env},
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.workers[name] = proc
         return proc
 
-    def start_stepworker(self, name: str, *, concurrency: int = 2, loglevel: str = "WARNING",
-                         **env: str) -> subprocess.Popen[bytes]:
+    def start_stepworker(
+        self, name: str, *, concurrency: int = 2, loglevel: str = "WARNING", **env: str
+    ) -> subprocess.Popen[bytes]:
         """Start ``python -m worker.cli worker`` (prefork) on this benchmark's queue."""
-        argv = ["-m", "worker.cli", "worker", "-Q", self.queue, "-c", str(concurrency), "--pool", "prefork",
-                "-n", f"{name}@%h", "-l", loglevel]
+        argv = [
+            "-m",
+            "worker.cli",
+            "worker",
+            "-Q",
+            self.queue,
+            "-c",
+            str(concurrency),
+            "--pool",
+            "prefork",
+            "-n",
+            f"{name}@%h",
+            "-l",
+            loglevel,
+        ]
         return self.start_worker(name, argv, **env)
 
-    def start_baseline(self, name: str, queue: str, *, concurrency: int = 2, loglevel: str = "WARNING"
-                       ) -> subprocess.Popen[bytes]:
+    def start_baseline(
+        self, name: str, queue: str, *, concurrency: int = 2, loglevel: str = "WARNING"
+    ) -> subprocess.Popen[bytes]:
         """Start a raw Celery worker for ``baseline_app`` with the flags ``stepworker worker`` uses."""
-        argv = ["-m", "celery", "-A", "benchmarks.common:baseline_app", "worker", "-P", "prefork", "-c",
-                str(concurrency), "-E", "--without-gossip", "-n", f"{name}@%h", "-l", loglevel, "-Q", queue]
+        argv = [
+            "-m",
+            "celery",
+            "-A",
+            "benchmarks.common:baseline_app",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            str(concurrency),
+            "-E",
+            "--without-gossip",
+            "-n",
+            f"{name}@%h",
+            "-l",
+            loglevel,
+            "-Q",
+            queue,
+        ]
         return self.start_worker(name, argv)
 
     def baseline_count(self, tag: str) -> int:
@@ -120,10 +156,14 @@ class Bench:
         return float(self.client.get(f"{tag}:t{nth}") or "nan")
 
     def stop_worker(self, name: str) -> None:
-        """Cold-stop one worker (SIGQUIT), killing its process group if it hangs."""
+        """Stop one worker, killing its process group if it has not exited after 15 s.
+
+        SIGTERM (warm shutdown) exits in a few seconds once the worker is idle; SIGQUIT would start Celery's
+        soft shutdown, which with stepworker's settings waits out its whole 25 s timeout even when idle.
+        """
         proc = self.workers.pop(name)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGQUIT)
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
@@ -131,6 +171,11 @@ class Bench:
             proc.wait()
         with contextlib.suppress(ProcessLookupError):  # pool children the SIGQUIT left behind
             os.killpg(proc.pid, signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        """Stop every worker still running."""
+        for name in list(self.workers):
+            self.stop_worker(name)
 
     def check_workers(self) -> None:
         """Raise if a started worker has exited."""
@@ -147,47 +192,71 @@ class Bench:
 @contextlib.contextmanager
 def bench(*, moto: bool = False, **settings_env: str) -> Iterator[Bench]:
     """A private redis-server (and moto when asked) and a prefix/queue; this process's env points at them."""
-    redis_service = sandbox.start_redis()
-    moto_service = sandbox.start_moto() if moto else None
-    prefix = f"b{uuid.uuid4().hex[:8]}"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("STEPWORKER_", "AWS_"))},
-        **(sandbox.moto_env(moto_service.url) if moto_service else {}),
-        "STEPWORKER_REDIS_URL": redis_service.url,
-        "STEPWORKER_KEY_PREFIX": prefix,
-        "STEPWORKER_DEFAULT_QUEUE": f"q-{prefix}",
-        "PYTHONPATH": str(ROOT),
-        **settings_env,
-    }
+    with contextlib.ExitStack() as stack:
+        redis_service = sandbox.start_redis()
+        stack.callback(redis_service.stop)
+        moto_service = sandbox.start_moto() if moto else None
+        if moto_service:
+            stack.callback(moto_service.stop)
+        prefix = f"b{uuid.uuid4().hex[:8]}"
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("STEPWORKER_", "AWS_"))},
+            **(sandbox.moto_env(moto_service.url) if moto_service else {}),
+            "STEPWORKER_REDIS_URL": redis_service.url,
+            "STEPWORKER_KEY_PREFIX": prefix,
+            "STEPWORKER_DEFAULT_QUEUE": f"q-{prefix}",
+            "PYTHONPATH": str(ROOT),
+            **settings_env,
+        }
+        stack.enter_context(_environment(env))
+        client = redis.Redis.from_url(redis_service.url, decode_responses=True)
+        stack.callback(client.close)
+        log_dir = Path(tempfile.mkdtemp(prefix="stepworker-bench-"))
+        stack.callback(shutil.rmtree, log_dir, ignore_errors=True)
+        moto_url = moto_service.url if moto_service else None
+        run = Bench(
+            redis_service.url,
+            moto_url,
+            prefix,
+            f"q-{prefix}",
+            env,
+            client,
+            log_dir,
+            redis_service.process.pid,
+        )
+        stack.callback(run.stop_all)
+        print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+        try:
+            yield run
+        except BaseException:
+            for name in run.workers:
+                print(f"--- last lines of worker {name} ---\n{run.log_tail(name)}", file=sys.stderr)
+            raise
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """Replace this process's environment (and its cached settings) for the duration."""
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(env)
     get_settings.cache_clear()
-    client = redis.Redis.from_url(redis_service.url, decode_responses=True)
-    run = Bench(redis_service.url, moto_service.url if moto_service else None, prefix, f"q-{prefix}", env, client,
-                Path(tempfile.mkdtemp(prefix="stepworker-bench-")), redis_service.process.pid)
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     try:
-        yield run
-    except BaseException:
-        for name in run.workers:
-            print(f"--- last lines of worker {name} ---\n{run.log_tail(name)}", file=sys.stderr)
-        raise
+        yield
     finally:
-        for name in list(run.workers):
-            run.stop_worker(name)
-        client.close()
-        if moto_service:
-            moto_service.stop()
-        redis_service.stop()
-        shutil.rmtree(run.log_dir, ignore_errors=True)
         os.environ.clear()
         os.environ.update(saved)
         get_settings.cache_clear()
 
 
-def wait_until(check: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.2,
-               alive: Callable[[], None] | None = None) -> None:
+def wait_until(
+    check: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.2,
+    alive: Callable[[], None] | None = None,
+) -> None:
     """Poll ``check`` until it is true; raise TimeoutError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not check():
@@ -210,8 +279,9 @@ class Ended:
         return sum(1 for value in self.statuses.values() if value == status)
 
 
-def wait_terminal(run: Bench, execution_ids: Sequence[str], *, timeout: float, interval: float = 0.5,
-                  window: int = 200) -> Ended:
+def wait_terminal(
+    run: Bench, execution_ids: Sequence[str], *, timeout: float, interval: float = 0.5, window: int = 200
+) -> Ended:
     """Wait until every execution record is terminal.
 
     Each round reads the oldest pending records, a window at a time, and stops at the first window that
@@ -240,8 +310,13 @@ def wait_terminal(run: Bench, execution_ids: Sequence[str], *, timeout: float, i
                 return False
         return True
 
-    wait_until(check, timeout=timeout, interval=interval, alive=run.check_workers,
-               what=f"{len(execution_ids)} executions")
+    wait_until(
+        check,
+        timeout=timeout,
+        interval=interval,
+        alive=run.check_workers,
+        what=f"{len(execution_ids)} executions",
+    )
     return Ended(statuses, sorted(finished))
 
 
@@ -276,8 +351,12 @@ class CpuMeter:
         proc = self.run.workers[self.worker]
         pool = children(proc.pid)
         usage = os.times()
-        return {"driver": usage.user + usage.system, "worker main": cpu_seconds(proc.pid),
-                "worker pool": sum(cpu_seconds(pid) for pid in pool), "redis-server": cpu_seconds(self.run.redis_pid)}
+        return {
+            "driver": usage.user + usage.system,
+            "worker main": cpu_seconds(proc.pid),
+            "worker pool": sum(cpu_seconds(pid) for pid in pool),
+            "redis-server": cpu_seconds(self.run.redis_pid),
+        }
 
     def start(self) -> None:
         """Mark the start of the measured span."""
@@ -309,5 +388,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark has."""
     parse = argparse.ArgumentParser(description=description)
-    parse.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds per wait")
+    parse.add_argument(
+        "--timeout", type=float, default=900.0, help="give up after this many seconds per wait"
+    )
     return parse

@@ -34,8 +34,9 @@ class Rates:
     cpu_ms: dict[str, float]
 
     @classmethod
-    def of(cls, n: int, times: tuple[float, float, float, float], done_at_submit: int,
-           cpu_ms: dict[str, float]) -> Rates:
+    def of(
+        cls, n: int, times: tuple[float, float, float, float], done_at_submit: int, cpu_ms: dict[str, float]
+    ) -> Rates:
         """Rates from the first submit, the end of submitting, and the first and the last completion."""
         t0, submitted, first, last = times
         drain = (n - done_at_submit) / (last - submitted) if last > submitted else float("nan")
@@ -60,8 +61,12 @@ def run_baseline(run: common.Bench, n: int, warmup: int, timeout: float, logleve
         return start, time.time()
 
     def finished(tag: str, count: int) -> None:
-        common.wait_until(lambda: run.baseline_count(tag) >= count, timeout=timeout, what=f"{count} baseline tasks",
-                          alive=run.check_workers)
+        common.wait_until(
+            lambda: run.baseline_count(tag) >= count,
+            timeout=timeout,
+            what=f"{count} baseline tasks",
+            alive=run.check_workers,
+        )
 
     warm, tag = f"warm-{uuid.uuid4().hex}", f"run-{uuid.uuid4().hex}"
     send(warm, warmup)
@@ -73,12 +78,13 @@ def run_baseline(run: common.Bench, n: int, warmup: int, timeout: float, logleve
     finished(tag, n)
     cpu_ms = cpu.per_task_ms(n)
     run.stop_worker(name)
-    return Rates.of(n, (t0, submitted, run.baseline_time(tag, 1), run.baseline_time(tag, n)), done_at_submit,
-                    cpu_ms)
+    return Rates.of(
+        n, (t0, submitted, run.baseline_time(tag, 1), run.baseline_time(tag, n)), done_at_submit, cpu_ms
+    )
 
 
 def run_stepworker(run: common.Bench, n: int, warmup: int, timeout: float, loglevel: str) -> Rates:
-    """stepworker: N one-step core.echo jobs through Dispatcher.submit_step, until every record is terminal."""
+    """stepworker: N one-step core.echo jobs via Dispatcher.submit_step, until every record is terminal."""
     name = "stepworker"
     run.start_stepworker(name, concurrency=2, loglevel=loglevel)
     dispatcher = run.dispatcher()
@@ -100,18 +106,28 @@ def run_stepworker(run: common.Bench, n: int, warmup: int, timeout: float, logle
 
 def _report(base: Rates, step: Rates) -> None:
     rows = [("celery no-op (baseline)", base), ("stepworker core.echo", step)]
-    print(common.table(
-        ["side", "n", "submit/s", "consume/s", "drain/s", "end-to-end/s"],
-        [[label, r.n, *(f"{x:.0f}" for x in (r.submit, r.consume, r.drain, r.end_to_end))] for label, r in rows],
-    ))
+    print(
+        common.table(
+            ["side", "n", "submit/s", "consume/s", "drain/s", "end-to-end/s"],
+            [
+                [label, r.n, *(f"{x:.0f}" for x in (r.submit, r.consume, r.drain, r.end_to_end))]
+                for label, r in rows
+            ],
+        )
+    )
     print("CPU ms per task (driver = this process: submitting, then waiting)")
-    print(common.table(
-        ["side", *base.cpu_ms, "total"],
-        [[label, *(f"{ms:.2f}" for ms in r.cpu_ms.values()), f"{r.cpu_total:.2f}"] for label, r in rows],
-    ))
-    print(f"ratio stepworker/baseline: end-to-end {step.end_to_end / base.end_to_end:.2f}, "
-          f"consume {step.consume / base.consume:.2f}, submit {step.submit / base.submit:.2f}, "
-          f"CPU per task {base.cpu_total / step.cpu_total:.2f} (baseline CPU / stepworker CPU)\n", flush=True)
+    print(
+        common.table(
+            ["side", *base.cpu_ms, "total"],
+            [[label, *(f"{ms:.2f}" for ms in r.cpu_ms.values()), f"{r.cpu_total:.2f}"] for label, r in rows],
+        )
+    )
+    print(
+        f"ratio stepworker/baseline: end-to-end {step.end_to_end / base.end_to_end:.2f}, "
+        f"consume {step.consume / base.consume:.2f}, submit {step.submit / base.submit:.2f}, "
+        f"CPU per task {base.cpu_total / step.cpu_total:.2f} (baseline CPU / stepworker CPU)\n",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     parse = common.parser("Throughput of stepworker core.echo against raw Celery no-op tasks.")
     parse.add_argument("--n", type=int, default=5000, help="measured tasks per side and round")
     parse.add_argument("--warmup", type=int, default=100, help="unmeasured tasks per side first")
-    parse.add_argument("--rounds", type=int, default=1, help="repeat both sides, alternating which goes first")
+    parse.add_argument(
+        "--rounds", type=int, default=1, help="repeat both sides, alternating which goes first"
+    )
     parse.add_argument("--loglevel", default="WARNING", help="worker -l (both sides)")
     args = parse.parse_args(argv)
     results: list[tuple[Rates, Rates]] = []
@@ -137,8 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.rounds > 1:
         for what in ("end_to_end", "consume"):
             ratios = [getattr(s, what) / getattr(b, what) for b, s in results]
-            print(f"median {what} ratio over {args.rounds} rounds: {statistics.median(ratios):.2f} "
-                  f"(each: {', '.join(f'{r:.2f}' for r in ratios)})")
+            print(
+                f"median {what} ratio over {args.rounds} rounds: {statistics.median(ratios):.2f} "
+                f"(each: {', '.join(f'{r:.2f}' for r in ratios)})"
+            )
         cpu = statistics.median(b.cpu_total / s.cpu_total for b, s in results)
         print(f"median CPU-per-task ratio: {cpu:.2f}")
 

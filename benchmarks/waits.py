@@ -24,11 +24,15 @@ from benchmarks import common
 from worker.models import Status
 
 
-def run_stepworker(run: common.Bench, n: int, seconds: float, timeout: float) -> tuple[float, dict[str, float]]:
+def run_stepworker(
+    run: common.Bench, n: int, seconds: float, timeout: float
+) -> tuple[float, dict[str, float]]:
     """Submit N pauses at once; returns the wall time and figures read back from the step records."""
     run.start_stepworker("stepworker", concurrency=2)
     dispatcher = run.dispatcher()
-    common.wait_terminal(run, [dispatcher.submit_step("core.echo", {"i": i}) for i in range(10)], timeout=timeout)
+    common.wait_terminal(
+        run, [dispatcher.submit_step("core.echo", {"i": i}) for i in range(10)], timeout=timeout
+    )
     t0 = time.time()
     ids = [dispatcher.submit_step("core.sleep", {"seconds": seconds}) for _ in range(n)]
     submitted = time.time()
@@ -76,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     parse = common.parser("Many long pauses on one small worker, against tasks that sleep in their slot.")
     parse.add_argument("--n", type=int, default=1000, help="pauses submitted at once")
     parse.add_argument("--seconds", type=float, default=5.0, help="length of each pause")
-    parse.add_argument("--poll-max", type=float, default=10.0, help="STEPWORKER_POLL_MAX_SECONDS of the worker")
+    parse.add_argument(
+        "--poll-max", type=float, default=10.0, help="STEPWORKER_POLL_MAX_SECONDS of the worker"
+    )
     parse.add_argument(
         "--baseline-n", type=int, default=4, help="sleeping baseline tasks to measure (0: skip the baseline)"
     )
@@ -92,8 +98,14 @@ def main(argv: list[str] | None = None) -> None:
             [
                 ["stepworker wall time, first submit to last completion", f"{wall:.1f} s"],
                 ["  of which submitting", f"{figures['submit_seconds']:.1f} s"],
-                ["phase tasks run (polls + completions)", f"{figures['phases']:.0f} (minimum {expected_phases})"],
-                ["lateness per pause, median / max", f"{figures['late_median']:.2f} s / {figures['late_max']:.2f} s"],
+                [
+                    "phase tasks run (polls + completions)",
+                    f"{figures['phases']:.0f} (minimum {expected_phases})",
+                ],
+                [
+                    "lateness per pause, median / max",
+                    f"{figures['late_median']:.2f} s / {figures['late_max']:.2f} s",
+                ],
                 ["in-slot sleeping would need (N x S / 2)", f"{args.n * args.seconds / 2:.0f} s"],
                 *(
                     [

@@ -141,7 +141,7 @@ def submit(step_type: str | None, pairs: tuple[str, ...], params_json: str | Non
     if follow:
         for entry in api.logs(execution_id, follow=True):
             output.log_line(entry, sys.stderr if as_json else None)
-    view = api.wait(execution_id)
+    view = output.waiting(lambda: api.wait(execution_id), f"waiting for {execution_id}")
     if as_json:
         click.echo(json.dumps(result_json(api, view)))
     else:

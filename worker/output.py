@@ -6,14 +6,15 @@ import csv
 import datetime as dt
 import json
 import sys
-from collections.abc import Iterable, Sequence
-from typing import Any, TextIO
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TextIO, TypeVar
 
 from rich.console import Console
 from rich.table import Table
 
 from worker.models import ExecutionView, LogEntry, Status
 
+T = TypeVar("T")
 STATUS_STYLE = {
     Status.SUCCEEDED: "green", Status.FAILED: "red", Status.TIMED_OUT: "red", Status.CANCELLED: "yellow",
     Status.RUNNING: "cyan", Status.QUEUED: "blue", Status.SKIPPED: "dim",
@@ -65,6 +66,14 @@ def write_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]], out: TextIO
     writer.writerow(columns)
     for row in rows:
         writer.writerow([cell(v) if isinstance(v, dict | list) else v for v in row])
+
+
+def waiting(wait: Callable[[], T], message: str) -> T:
+    """Run ``wait`` behind a spinner on a terminal (stderr), silently otherwise."""
+    if not is_terminal(sys.stderr):
+        return wait()
+    with Console(stderr=True).status(message):
+        return wait()
 
 
 def status_text(status: Status) -> str:
