@@ -71,7 +71,7 @@ class LocalContext:
             if len(self.rows) >= self.max_rows:
                 return False
             self.rows.append(list(row))
-        return len(self.rows) < self.max_rows
+        return True
 
 
 class PagingContext(LocalContext):

@@ -85,10 +85,10 @@ def publish(step_type: str, execution_id: str, index: int, phase: int, *, queue:
 
 
 @setup_logging.connect
-def _setup_logging(**_: Any) -> None:
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     from worker import logging as worker_logging  # noqa: PLC0415
 
-    worker_logging.configure()
+    worker_logging.configure(level=loglevel or "INFO")
 
 
 @worker_process_init.connect

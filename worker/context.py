@@ -71,7 +71,7 @@ class PhaseContext:
         self._store.set_columns(self.execution_id, self.step_index, columns)
 
     def add_rows(self, rows: Iterable[Sequence[Any]]) -> bool:
-        """Append rows, flushed to Redis in pages; False once the row cap is reached."""
+        """Append rows, flushed to Redis in pages; False once a row had to be dropped at the cap."""
         for row in rows:
             if self._row_count >= self._max_rows:
                 self.truncated = True
@@ -81,7 +81,7 @@ class PhaseContext:
             if len(self._pending) >= ROW_PAGE:
                 self.flush_rows()
         self.flush_rows()
-        return not self.truncated and self._row_count < self._max_rows
+        return not self.truncated
 
     def flush_rows(self) -> None:
         """Write buffered rows."""

@@ -15,6 +15,7 @@ from worker import celery_app
 from worker.ids import new_execution_id
 from worker.keys import Keys
 from worker.models import ExecutionView, Job, LogEntry, Status, StepSpec
+from worker.projects import ProjectCache, ProjectConfig, ProjectStore
 from worker.settings import Settings, get_settings
 from worker.store import Store
 
@@ -50,6 +51,7 @@ class Dispatcher:
         self.client = client or redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
         self.store = Store(self.client, Keys(self.settings.key_prefix), retention=self.settings.retention_seconds,
                            log_maxlen=self.settings.log_stream_maxlen)
+        self.projects = ProjectCache(ProjectStore(self.client, self.store.keys), ttl=2.0)
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -62,7 +64,6 @@ class Dispatcher:
         execution_id = new_execution_id()
         self.store.create_execution(execution_id, model, params, queues)
         celery_app.publish(model.steps[0].type, execution_id, 0, 0, queue=queues[0], project=model.project)
-        self.store.mark_published(execution_id, 0, 0)
         return execution_id
 
     def submit_step(self, step_type: str, params: Mapping[str, Any] | None = None, *, project: str = "default",
@@ -85,12 +86,12 @@ class Dispatcher:
         for index, spec in enumerate(model.steps):
             checked = self._validate_step(index, spec, project, problems)
             params.append(checked)
-            queues.append(spec.queue or getattr(project, "queue", None) or self.settings.default_queue)
+            queues.append(spec.queue or (project.queue if project else None) or self.settings.default_queue)
         if problems:
             raise JobInvalid(problems)
         return model, params, queues
 
-    def _validate_step(self, index: int, spec: StepSpec, project: Any, problems: list[tuple[str, str]]
+    def _validate_step(self, index: int, spec: StepSpec, project: ProjectConfig | None, problems: list[tuple[str, str]]
                        ) -> dict[str, Any]:
         where = f"steps[{index}]"
         try:
@@ -107,16 +108,14 @@ class Dispatcher:
             from worker import credentials  # noqa: PLC0415
 
             try:
-                credentials.resolve(params, project, self.settings)  # type: ignore[arg-type]
+                credentials.resolve(params, project, self.settings)  # type: ignore[arg-type]  # AwsParams checked above
             except credentials.ConfigError as exc:
                 problems.append((f"{where}.params", str(exc)))
         dumped: dict[str, Any] = params.model_dump(mode="json")
         return dumped
 
-    def _project(self, name: str) -> Any:
-        from worker import projects  # noqa: PLC0415
-
-        return projects.ProjectStore(self.client, self.store.keys).get(name)
+    def _project(self, name: str) -> ProjectConfig | None:
+        return self.projects.get(name)
 
     # -- reading -----------------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ def capture() -> Iterator[list[dict[str, str]]]:
         _sink.reset(token)
 
 
-def configure(*, json_output: bool | None = None, level: str = "INFO") -> None:
+def configure(*, json_output: bool | None = None, level: int | str = "INFO") -> None:
     """Configure structlog and stdlib logging once: JSON when not on a TTY, console on a TTY."""
     if json_output is None:
         json_output = not sys.stderr.isatty()
@@ -69,6 +69,7 @@ def configure(*, json_output: bool | None = None, level: str = "INFO") -> None:
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("botocore", "boto3", "urllib3", "kombu", "celery.worker.strategy"):
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    # Celery logs every task it receives and finishes; the runner's step.finished line says more.
+    for noisy in ("botocore", "boto3", "urllib3", "kombu", "celery.worker.strategy", "celery.app.trace"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

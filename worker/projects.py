@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Annotated, Any, Self
 
@@ -141,3 +142,27 @@ class ProjectStore:
 
         self._redis.transaction(attempt, self._key)
         return result[0]
+
+
+class ProjectCache:
+    """Project configurations read through a short per-process cache.
+
+    Workers and bulk submitters read a project for every step; a change made with
+    ``stepworker project set`` reaches them within ``ttl`` seconds.
+    """
+
+    def __init__(self, store: ProjectStore, ttl: float = 5.0) -> None:
+        self._store = store
+        self._ttl = ttl
+        self._entries: dict[str, tuple[float, ProjectConfig | None]] = {}
+
+    def get(self, name: str) -> ProjectConfig | None:
+        """The project's configuration (None when there is no such project), at most ``ttl`` seconds old."""
+        now = time.monotonic()
+        cached = self._entries.get(name)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        config = self._store.get(name)
+        self._entries[name] = (now + self._ttl, config)
+        return config
+

@@ -27,6 +27,7 @@ from worker.aws_errors import classify
 from worker.context import PhaseContext
 from worker.keys import Keys
 from worker.models import Status
+from worker.projects import ProjectCache, ProjectStore
 from worker.settings import Settings, get_settings
 from worker.store import BeginResult, Store
 
@@ -72,6 +73,7 @@ class Runner:
         self.client = client
         self.store = Store(client, Keys(settings.key_prefix), retention=settings.retention_seconds,
                            log_maxlen=settings.log_stream_maxlen)
+        self.projects = ProjectCache(ProjectStore(client, self.store.keys))
 
     def handle(self, execution_id: str, index: int, phase: int) -> None:
         """Handle one phase message."""
@@ -99,7 +101,7 @@ class Runner:
                 log.log(20 if result.status == Status.SUCCEEDED else 40, "step.finished",
                         status=str(result.status), duration_ms=round((time.monotonic() - started) * 1000, 1),
                         **({"error": result.error["message"]} if result.error else {}))
-        quiet.info("phase.finished", outcome="poll" if isinstance(result, Advance) else str(result.status),
+        quiet.debug("phase.finished", outcome="poll" if isinstance(result, Advance) else str(result.status),
                    duration_ms=round((time.monotonic() - started) * 1000, 1))
         if isinstance(result, Advance):
             self._advance(execution_id, index, phase, begin, result, lines)
@@ -176,9 +178,9 @@ class Runner:
     def _aws_for(self, step_cls: type[Step], params: Any, execution_id: str, project: str) -> AwsAccess | None:
         if not step_cls.uses_aws():
             return None
-        from worker import credentials, keystore, projects  # noqa: PLC0415  (only AWS steps need them)
+        from worker import credentials, keystore  # noqa: PLC0415  (only AWS steps need them)
 
-        config = projects.ProjectStore(self.client, self.store.keys).get(project)
+        config = self.projects.get(project)
         try:
             resolved = credentials.resolve(params, config, self.settings)
         except credentials.ConfigError as exc:

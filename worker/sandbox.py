@@ -51,6 +51,7 @@ class Service:
     url: str
     port: int
     process: subprocess.Popen[bytes]
+    workdir: str | None = None
 
     def stop(self) -> None:
         """Terminate the process and wait for it."""
@@ -61,6 +62,8 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def start_redis(port: int | None = None, *, appendonly: bool = False) -> Service:
@@ -74,7 +77,7 @@ def start_redis(port: int | None = None, *, appendonly: bool = False) -> Service
             "--appendonly", "yes" if appendonly else "no", "--maxmemory-policy", "noeviction"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(lambda: _port_open(port), "redis-server", proc)
-    return Service(f"redis://127.0.0.1:{port}/0", port, proc)
+    return Service(f"redis://127.0.0.1:{port}/0", port, proc, workdir)
 
 
 def _moto_ready(url: str) -> bool:

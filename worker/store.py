@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -44,8 +44,22 @@ return {'run', redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
         redis.call('EXISTS', KEYS[3]), deliveries}
 """
 
-# KEYS: step.  ARGV: phase, state json, attempts
-_COMMIT_POLL = _TERMINAL + """
+_APPEND_LOGS = """
+local function append_logs(key, encoded, maxlen, ttl)
+  local entries = cjson.decode(encoded)
+  for _, e in ipairs(entries) do
+    redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'ts', e.ts, 'level', e.level, 'step', e.step,
+               'event', e.event, 'fields', e.fields)
+  end
+  if #entries > 0 then redis.call('EXPIRE', key, ttl) end
+end
+"""
+
+# The phase's log lines are appended whatever the outcome (they happened); the transition itself
+# only when the step is still at the phase the message carries.
+# KEYS: step, logs.  ARGV: phase, state json, attempts, log entries json, log maxlen, ttl
+_COMMIT_POLL = _TERMINAL + _APPEND_LOGS + """
+append_logs(KEYS[2], ARGV[4], ARGV[5], ARGV[6])
 local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or terminal[status] then return 0 end
 if tonumber(redis.call('HGET', KEYS[1], 'phase')) ~= tonumber(ARGV[1]) then return 0 end
@@ -54,17 +68,18 @@ redis.call('HINCRBY', KEYS[1], 'polls', 1)
 return 1
 """
 
-# KEYS: step, execution, events, then the step keys after this one (the next one first)
-# ARGV: phase, status, now, events maxlen, next index (-1: none),
+# KEYS: step, execution, events, logs, then the step keys after this one (the next one first)
+# ARGV: phase, status, now, stream maxlen, next index (-1: none),
 #       execution status ('' = go on with the next step, 'auto' = succeeded unless a step failed),
-#       then field/value pairs for the step record
+#       log entries json, ttl, then field/value pairs for the step record
 # Returns 0 when the step had already ended, else {1, final execution status or '', next type, next queue}
-_FINISH = _TERMINAL + """
+_FINISH = _TERMINAL + _APPEND_LOGS + """
+append_logs(KEYS[4], ARGV[7], ARGV[4], ARGV[8])
 local status = redis.call('HGET', KEYS[1], 'status')
 if (not status) or terminal[status] then return 0 end
 if tonumber(redis.call('HGET', KEYS[1], 'phase')) ~= tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3])
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HINCRBY', KEYS[1], 'completions', 1)
 if ARGV[2] ~= 'succeeded' then redis.call('HINCRBY', KEYS[2], 'failures', 1) end
 local final = ARGV[6]
@@ -76,14 +91,14 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'execution', id,
            'step', redis.call('HGET', KEYS[1], 'index'), 'status', ARGV[2])
 if final ~= '' then
   redis.call('HSET', KEYS[2], 'status', final, 'finished_at', ARGV[3])
-  for i = 4, #KEYS do
+  for i = 5, #KEYS do
     if redis.call('HGET', KEYS[i], 'status') == 'queued' then redis.call('HSET', KEYS[i], 'status', 'skipped') end
   end
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'execution', id, 'status', final)
   return {1, final}
 end
 redis.call('HSET', KEYS[2], 'current', ARGV[5])
-return {1, '', redis.call('HGET', KEYS[4], 'type'), redis.call('HGET', KEYS[4], 'queue')}
+return {1, '', redis.call('HGET', KEYS[5], 'type'), redis.call('HGET', KEYS[5], 'queue')}
 """
 
 Begin = Literal["run", "terminal", "stale", "missing"]
@@ -148,7 +163,8 @@ class Store:
                 "index": index, "type": spec.type, "name": spec.name or f"{index + 1}. {spec.type}",
                 "params": json.dumps(step_params), "queue": queue, "retries": spec.retries,
                 "timeout": spec.timeout or "", "status": Status.QUEUED, "phase": 0, "state": "{}",
-                "attempts": 0, "polls": 0, "completions": 0, "published": -1,
+                # Step 0's message is published right after this transaction (by the dispatcher).
+                "attempts": 0, "polls": 0, "completions": 0, "published": 0 if index == 0 else -1,
             })
             pipe.expire(key, self.retention)
         for zkey in (self.keys.by_project(job.project), self.keys.all_executions):
@@ -178,27 +194,27 @@ class Store:
 
     def commit_poll(self, execution_id: str, index: int, phase: int, state: Mapping[str, Any],
                     attempts: int, logs: Sequence[Mapping[str, str]] = ()) -> bool:
-        """Advance the step to its next phase with the state to resume from; False if another won."""
-        pipe = self.client.pipeline(transaction=False)
-        self.append_logs(execution_id, logs, pipe)
-        keys = [self.keys.step(execution_id, index)]
-        self._commit_poll(keys=keys, args=[phase, json.dumps(dict(state)), attempts], client=pipe)
-        return bool(pipe.execute()[-1])
+        """Advance the step to its next phase with the state to resume from; False if another won.
+
+        The phase's log lines go in the same script call: one round trip.
+        """
+        keys = [self.keys.step(execution_id, index), self.keys.logs(execution_id)]
+        args: list[Any] = [phase, json.dumps(dict(state)), attempts, json.dumps(list(logs)), self.log_maxlen,
+                           self.retention]
+        return bool(self._commit_poll(keys=keys, args=args))
 
     def finish_step(self, execution_id: str, index: int, phase: int, status: Status, *,
                     step_count: int, next_index: int | None, execution_status: str,
                     fields: Mapping[str, Any], logs: Sequence[Mapping[str, str]] = ()) -> Finish | None:
-        """Record a step's end and move the execution on; None if it had already ended."""
+        """Record a step's end (with its last log lines) and move the execution on; None if it had already ended."""
         later = [self.keys.step(execution_id, i) for i in range(index + 1, step_count)]
-        keys = [self.keys.step(execution_id, index), self.keys.execution(execution_id), self.keys.events, *later]
-        args: list[Any] = [phase, status, time.time(), self.log_maxlen,
-                           -1 if next_index is None else next_index, execution_status]
+        keys = [self.keys.step(execution_id, index), self.keys.execution(execution_id), self.keys.events,
+                self.keys.logs(execution_id), *later]
+        args: list[Any] = [phase, status, time.time(), self.log_maxlen, -1 if next_index is None else next_index,
+                           execution_status, json.dumps(list(logs)), self.retention]
         for name, value in fields.items():
             args += [name, value]
-        pipe = self.client.pipeline(transaction=False)
-        self.append_logs(execution_id, logs, pipe)
-        self._finish(keys=keys, args=args, client=pipe)
-        reply = pipe.execute()[-1]
+        reply = self._finish(keys=keys, args=args)
         if not reply:
             return None
         if reply[1]:
@@ -218,22 +234,6 @@ class Store:
         return cast(dict[str, str], self.client.hgetall(self.keys.step(execution_id, index)))
 
     # -- logs, rows, events ----------------------------------------------------------------
-
-    def append_logs(self, execution_id: str, entries: Iterable[Mapping[str, str]],
-                    pipe: redis.client.Pipeline | None = None) -> None:
-        """Append log entries to the execution's stream (in the given pipeline if any)."""
-        own = pipe is None
-        pipe = pipe if pipe is not None else self.client.pipeline(transaction=False)
-        key = self.keys.logs(execution_id)
-        count = 0
-        for entry in entries:
-            fields: dict[Any, Any] = dict(entry)
-            pipe.xadd(key, fields, maxlen=self.log_maxlen, approximate=True)
-            count += 1
-        if count:
-            pipe.expire(key, self.retention)
-        if own and count:
-            pipe.execute()
 
     def set_columns(self, execution_id: str, index: int, columns: Sequence[str]) -> None:
         """Record the column names of a step's result."""
