@@ -107,6 +107,14 @@ def cli_env(redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.Monke
     (["submit", "core.sleep", "-p", "seconds"], "-p: expected key=value"),
     (["submit", "core.echo", "--params", "{not json"], "--params: not valid JSON"),
     (["submit"], "TYPE: give a step type"),
+    (["submit", "logs.query", "-p", "log_group_name=/app", "-p", "query=fields @message",
+      "-p", "start=2026-11-02T00:00:00Z", "-p", "end=2026-11-01T00:00:00Z"], "steps[0].params"),
+    (["submit", "logs.query", "-p", "log_group_name=/app", "-p", "query=fields @message"], "steps[0].params"),
+    (["submit", "logs.query", "--params", json.dumps({"log_group_names": [f"/g{i}" for i in range(51)],
+                                                       "query": "fields @message", "past": 1, "unit": "hours"})],
+     "steps[0].params.log_group_names"),
+    (["submit", "athena.query", "-p", "query=SELECT 1", "-p", "output_location=https://bucket/results/"],
+     "steps[0].params.output_location"),
 ])
 def test_cli_exits_2_and_writes_nothing(redis_client: redis.Redis, args: list[str], message: str) -> None:
     before = snapshot(redis_client)
