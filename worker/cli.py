@@ -28,7 +28,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 def fail(message: str, code: int) -> None:
     """Print an error to stderr and exit with ``code``."""
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"Error: {message}", err=True)
     sys.exit(code)
 
 
@@ -41,7 +41,7 @@ def handled(func: F) -> F:
             return func(*args, **kwargs)
         except JobInvalid as exc:
             for where, what in exc.problems:
-                click.echo(f"error: {where}: {what}" if where else f"error: {what}", err=True)
+                click.echo(f"Error: {where}: {what}" if where else f"Error: {what}", err=True)
             sys.exit(EXIT_INVALID)
         except ExecutionNotFound as exc:
             fail(f"no execution {exc.args[0]!r} (unknown, or past its retention)", EXIT_FAILED)

@@ -40,7 +40,7 @@ def _location(prefix: str, loc: Sequence[int | str]) -> str:
 
 
 def _problems(prefix: str, exc: ValidationError) -> list[tuple[str, str]]:
-    return [(_location(prefix, err["loc"]), err["msg"]) for err in exc.errors()]
+    return [(_location(prefix, err["loc"]), err["msg"].removeprefix("Value error, ")) for err in exc.errors()]
 
 
 class Dispatcher:

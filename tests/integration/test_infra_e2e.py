@@ -259,7 +259,7 @@ def test_guard_refuses_at_submit(stack: Stack, step_type: str, params: dict[str,
     # Then it exits 2 naming the problem, and nothing was written or queued
     assert done.returncode == 2, done.stderr
     assert done.stdout == ""
-    assert "error: steps[0].params" in done.stderr
+    assert "Error: steps[0].params" in done.stderr
     for phrase in phrases:
         assert phrase in done.stderr
     assert list(stack.client.scan_iter(match=f"*{stack.prefix}*")) == []
