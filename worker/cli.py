@@ -17,7 +17,7 @@ import click
 import redis
 import yaml
 
-from worker import output
+from worker import cli_admin, output
 from worker.dispatcher import Dispatcher, ExecutionNotFound, JobInvalid
 from worker.models import ExecutionView, Status
 
@@ -348,18 +348,10 @@ def demo(keep: bool) -> None:
     sys.exit(run_demo(keep=keep))
 
 
-def _add_admin_commands() -> None:
-    try:
-        from worker import cli_admin  # noqa: PLC0415
-    except ImportError:  # pragma: no cover  (only while the module is missing)
-        return
-    for name in ("project", "keys", "doctor"):
-        command = getattr(cli_admin, name, None)
-        if isinstance(command, click.Command):
-            main.add_command(command, name)
+main.add_command(cli_admin.project)
+main.add_command(cli_admin.keys)
+main.add_command(cli_admin.doctor)
 
-
-_add_admin_commands()
 
 if __name__ == "__main__":
     main()
