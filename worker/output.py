@@ -6,7 +6,7 @@ import csv
 import datetime as dt
 import json
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TextIO, TypeVar
 
 from rich.console import Console
@@ -76,6 +76,21 @@ def waiting(wait: Callable[[], T], message: str) -> T:
         return wait()
 
 
+def summary(outputs: Mapping[str, Any], width: int = 100) -> str:
+    """Outputs in one short line: scalars as key=value, containers by size (``--json`` has them whole)."""
+    parts = []
+    for key, value in outputs.items():
+        if isinstance(value, list):
+            shown = cell(value) if len(cell(value)) <= 40 else f"[{len(value)} items]"
+        elif isinstance(value, dict):
+            shown = cell(value) if len(cell(value)) <= 40 else "{…}"
+        else:
+            shown = cell(value)
+        parts.append(f"{key}={shown}")
+    text = ", ".join(parts)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def status_text(status: Status) -> str:
     """A status, coloured on a terminal."""
     if is_terminal():
@@ -88,7 +103,7 @@ def execution_summary(view: ExecutionView) -> None:
     rows = []
     for step in view.steps:
         took = f"{step.finished_at - step.started_at:.1f}s" if step.finished_at and step.started_at else ""
-        detail = step.error["message"] if step.error else json.dumps(step.outputs, default=str)
+        detail = step.error["message"] if step.error else summary(step.outputs)
         rows.append([step.index, step.name, step.type, status_text(step.status), took, detail])
     title = f"{view.id}  project={view.project}  status={view.status}"
     if is_terminal():
