@@ -16,7 +16,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import urllib.parse
 from collections import Counter
@@ -28,7 +27,8 @@ from typing import Any
 import pytest
 
 from tests.fakes.aws_proxy import AwsProxy, Recorded, Reply
-from tests.integration.conftest import ROOT, Stack
+from tests.integration.conftest import Stack
+from tests.processes import run_module
 from worker.keys import Keys
 from worker.keystore import RedisKeyStore, new_master_key, parse_master_key
 from worker.models import ExecutionView, Status
@@ -264,15 +264,7 @@ def test_credentials_and_clients_are_built_once_per_worker_process(stack: Stack,
 
 
 def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_module("worker.cli", *args, env=env)
 
 
 def test_doctor_reports_identity_and_names_a_missing_key_path(stack: Stack, proxy: AwsProxy) -> None:

@@ -7,8 +7,6 @@ guards that refuse bad input at submit time through the CLI.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +14,8 @@ import boto3
 import pytest
 
 from tests.fakes.aws_proxy import AwsProxy, Recorded, Reply
-from tests.integration.conftest import FAST_REDELIVERY, ROOT, Stack
+from tests.integration.conftest import FAST_REDELIVERY, Stack
+from tests.processes import run_module
 from worker.context import idempotency_token
 from worker.models import LogEntry, Status
 
@@ -247,15 +246,7 @@ def test_guard_refuses_at_submit(stack: Stack, step_type: str, params: dict[str,
     # Given the broker's shared unacked hash as it is now
     unacked = stack.client.hlen("unacked")
     # When the CLI submits the step
-    done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "submit", step_type, "--params", json.dumps(params)],
-        env=stack.env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_module("worker.cli", "submit", step_type, "--params", json.dumps(params), env=stack.env)
     # Then it exits 2 naming the problem, and nothing was written or queued
     assert done.returncode == 2, done.stderr
     assert done.stdout == ""

@@ -34,6 +34,7 @@ from botocore.credentials import Credentials
 
 from tests.fakes.aws_proxy import AwsProxy, Recorded, Reply
 from tests.integration.conftest import ROOT, Stack
+from tests.processes import run_module
 from worker.keys import Keys
 from worker.keystore import new_master_key
 from worker.models import ExecutionView, Status
@@ -206,16 +207,7 @@ def proxy(stack: Stack) -> Iterator[AwsProxy]:
 
 
 def cli(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        env=env,
-        cwd=ROOT,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_module("worker.cli", *args, env=env, stdin=stdin)
 
 
 def cli_outputs(env: dict[str, str], commands: list[list[str]]) -> dict[str, str]:

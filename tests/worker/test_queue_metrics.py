@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +22,7 @@ import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
+from tests.processes import run_module
 from worker.queue_metrics import Backlog, Layout, count_workers, measure, metric_data, publish
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,15 +205,7 @@ def test_command_prints_one_json_line_per_sample(redis_client: redis.Redis, redi
     make_app(redis_url).send_task("qm.any", queue=QUEUE)
     env = {**os.environ, "STEPWORKER_REDIS_URL": redis_url, "STEPWORKER_QUEUES": f"{QUEUE},{OTHER}"}
     env.pop("STEPWORKER_BROKER_URL", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "worker.queue_metrics", "--inspect-timeout", "0.5"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_module("worker.queue_metrics", "--inspect-timeout", "0.5", env=env)
     assert done.returncode == 0, done.stderr
     line = json.loads(done.stdout)
     assert line["queues"][QUEUE] == {
@@ -231,14 +222,6 @@ def test_command_prints_one_json_line_per_sample(redis_client: redis.Redis, redi
 
 def test_command_rejects_a_malformed_dimension(redis_url: str) -> None:
     env = {**os.environ, "STEPWORKER_REDIS_URL": redis_url}
-    done = subprocess.run(
-        [sys.executable, "-m", "worker.queue_metrics", "--dimension", "oops"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_module("worker.queue_metrics", "--dimension", "oops", env=env)
     assert done.returncode == 2
     assert "Name=Value" in done.stderr
