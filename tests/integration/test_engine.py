@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import boto3
 import pytest
 
 from tests.integration.conftest import Stack
+from tests.waiting import wait_until
 from worker.models import Status
 
 pytestmark = pytest.mark.integration
@@ -70,8 +69,7 @@ def test_cancel_a_waiting_step(stack: Stack) -> None:
     stack.start_worker()
     execution = stack.dispatcher.submit({"steps": [{"type": "core.sleep", "params": {"seconds": 600}},
                                                    {"type": "core.echo"}]})
-    while stack.dispatcher.status(execution).steps[0].polls == 0:
-        time.sleep(0.05)
+    wait_until(lambda: stack.dispatcher.status(execution).steps[0].polls >= 1, "the first poll")
     assert stack.dispatcher.cancel(execution)
     view = stack.dispatcher.wait(execution, timeout=30)
     assert view.status == Status.CANCELLED

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tests.integration.conftest import FAST_REDELIVERY, Stack
+from tests.waiting import wait_until
 from worker.models import Status
 
 pytestmark = pytest.mark.integration
 
-
-
-def wait_until(predicate: object, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {seconds} s")
 
 
 def test_killed_worker_mid_wait_finishes_exactly_once(stack: Stack) -> None:
@@ -27,7 +17,7 @@ def test_killed_worker_mid_wait_finishes_exactly_once(stack: Stack) -> None:
     first = stack.start_worker(FAST_REDELIVERY)
     execution = stack.dispatcher.submit({"steps": [{"type": "core.sleep", "params": {"seconds": 3}},
                                                    {"type": "core.echo", "params": {"after": "sleep"}}]})
-    wait_until(lambda: stack.dispatcher.status(execution).steps[0].polls >= 1)
+    wait_until(lambda: stack.dispatcher.status(execution).steps[0].polls >= 1, "the first poll")
     # When that worker is killed outright (no warm shutdown, nothing acked or restored)
     stack.kill_worker(first)
     assert stack.dispatcher.status(execution).status == Status.RUNNING

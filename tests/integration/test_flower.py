@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import boto3
 import pytest
 
 from tests.integration.conftest import ROOT, Stack
+from tests.waiting import wait_until
 from worker import sandbox
 from worker.models import Status
 
@@ -45,14 +45,6 @@ class Flower:
     def tasks(self) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = self.get("/api/tasks")
         return found
-
-
-def until(what: str, check: Callable[[], bool], seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {seconds:.0f} s")
-        time.sleep(0.2)
 
 
 def answers(url: str) -> bool:
@@ -85,7 +77,7 @@ def flower(stack: Stack, tmp_path: Path) -> Iterator[Flower]:
     )
     running = Flower(f"http://127.0.0.1:{port}", process)
     try:
-        until("Flower answers", lambda: process.poll() is None and answers(running.url))
+        wait_until(lambda: process.poll() is None and answers(running.url), "Flower answers", 20, 0.2)
         yield running
     finally:
         process.terminate()
@@ -117,7 +109,7 @@ def test_flower_lists_step_types_and_shows_ids_only(stack: Stack, flower: Flower
     stack.start_worker(FAST_STOP)
     # Events reach Flower only once its receiver is up: wait for a first task to show before the real ones
     warm = stack.dispatcher.submit_step("core.echo", {"warm": "up"})
-    until("Flower hears the first task", lambda: bool(seen(flower, warm)))
+    wait_until(lambda: bool(seen(flower, warm)), "Flower hears the first task", 20, 0.2)
 
     mark = uuid.uuid4().hex
     values = {"password": f"hunter2-{mark}", "api_token": f"tok-{mark[:16]}", "note": f"note {mark[16:]}"}
@@ -127,9 +119,9 @@ def test_flower_lists_step_types_and_shows_ids_only(stack: Stack, flower: Flower
     for execution in (echo, stop):
         assert stack.dispatcher.wait(execution, timeout=30).status == Status.SUCCEEDED
     stop_phases = stack.dispatcher.status(stop).steps[0].polls + 1
-    until(
-        "Flower lists every phase",
+    wait_until(
         lambda: len(seen(flower, echo)) == 1 and len(seen(flower, stop)) == stop_phases,
+        "Flower lists every phase", 20, 0.2,
     )
 
     tasks = flower.tasks()

@@ -9,8 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import boto3
@@ -19,6 +18,7 @@ import pytest
 from tests.fakes.aws_proxy import AwsProxy, Recorded, Reply
 from tests.fakes.logs_insights import LogsInsightsFake
 from tests.integration.conftest import FAST_REDELIVERY, Stack
+from tests.waiting import wait_until
 from worker import sandbox
 from worker.context import idempotency_token
 from worker.models import LogEntry, Status
@@ -31,17 +31,6 @@ FAST = {"STEPWORKER_POLL_MAX_SECONDS": "0.5"}  # quick polls
 QUERY = "SELECT instance_id, state, cnt FROM ops.fleet"
 COLUMNS = ["instance_id", "state", "cnt"]
 ROWS: list[list[str | None]] = [["i-0001", "running", "3"], ["i-0002", None, "0"], ["i-0003", "stopped", "7"]]
-
-
-def wait_until(check: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
-    """Poll ``check`` until it returns something truthy (bounded: fails after ``timeout`` seconds)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
 
 
 def step_state(stack: Stack, execution: str) -> dict[str, Any]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,6 +22,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from tests.processes import run_module
+from tests.waiting import wait_until
 from worker.queue_metrics import Backlog, Layout, count_workers, measure, metric_data, publish
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,15 +34,6 @@ class Events(NamedTuple):
 
     started: threading.Event
     release: threading.Event
-
-
-def wait_until(condition: Callable[[], bool], what: str, seconds: float = 15.0) -> None:
-    """Poll ``condition`` until it holds, failing after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def make_app(redis_url: str, **transport: Any) -> Celery:
