@@ -66,14 +66,31 @@ for _name in steps.registry():
     app.task(name=_name, bind=True, acks_late=True, reject_on_worker_lost=True)(_run_phase)
 
 
+_publishers: dict[str, Celery] = {}
+
+
+def publisher(settings: Settings) -> Celery:
+    """An app that only sends, on ``settings``' broker (one per broker URL per process).
+
+    A dispatcher built with explicit settings must publish where those settings say, not
+    wherever this process's environment points the worker app.
+    """
+    found = _publishers.get(settings.broker)
+    if found is None:
+        found = Celery("stepworker", set_as_current=False)
+        found.conf.update(celery_config(settings))
+        _publishers[settings.broker] = found
+    return found
+
+
 def publish(step_type: str, execution_id: str, index: int, phase: int, *, queue: str, project: str,
-            countdown: float = 0.0, nudge: bool = False) -> None:
-    """Enqueue one phase of one step; the message carries ids only, never params.
+            countdown: float = 0.0, nudge: bool = False, via: Celery = app) -> None:
+    """Enqueue one phase of one step through ``via``; the message carries ids only, never params.
 
     A ``nudge`` is an extra, immediate copy of a waiting phase (used by cancel, so it need not
     wait for the poll's countdown); the phase compare-and-set makes the copy harmless.
     """
-    app.send_task(
+    via.send_task(
         step_type,
         args=(execution_id, index, phase),
         queue=queue,

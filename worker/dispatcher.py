@@ -52,6 +52,7 @@ class Dispatcher:
         self.store = Store(self.client, Keys(self.settings.key_prefix), retention=self.settings.retention_seconds,
                            log_maxlen=self.settings.log_stream_maxlen)
         self.projects = ProjectCache(ProjectStore(self.client, self.store.keys), ttl=2.0)
+        self.app = celery_app.publisher(self.settings)
 
     # -- submitting ------------------------------------------------------------------------------
 
@@ -63,7 +64,8 @@ class Dispatcher:
         model, params, queues = self.validate(job)
         execution_id = new_execution_id()
         self.store.create_execution(execution_id, model, params, queues)
-        celery_app.publish(model.steps[0].type, execution_id, 0, 0, queue=queues[0], project=model.project)
+        celery_app.publish(model.steps[0].type, execution_id, 0, 0, queue=queues[0], project=model.project,
+                           via=self.app)
         return execution_id
 
     def submit_step(self, step_type: str, params: Mapping[str, Any] | None = None, *, project: str = "default",
@@ -79,7 +81,7 @@ class Dispatcher:
             model = job if isinstance(job, Job) else Job.model_validate(job)
         except ValidationError as exc:
             raise JobInvalid(_problems("", exc)) from None
-        project = self._project(model.project)
+        project = self.projects.get(model.project)
         problems: list[tuple[str, str]] = []
         params: list[dict[str, Any]] = []
         queues: list[str] = []
@@ -113,9 +115,6 @@ class Dispatcher:
                 problems.append((f"{where}.params", str(exc)))
         dumped: dict[str, Any] = params.model_dump(mode="json")
         return dumped
-
-    def _project(self, name: str) -> ProjectConfig | None:
-        return self.projects.get(name)
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -180,5 +179,5 @@ class Dispatcher:
         record = self.store.step_record(execution_id, view.current)
         if record and not Status(record["status"]).terminal:
             celery_app.publish(record["type"], execution_id, view.current, int(record["phase"]),
-                               queue=record["queue"], project=view.project, nudge=True)
+                               queue=record["queue"], project=view.project, nudge=True, via=self.app)
         return True

@@ -169,3 +169,16 @@ def test_steps_show_and_list_json(cli_env: None) -> None:
     assert shown["iam_actions"]
     assert "instance_ids" in shown["params"]["properties"]
     assert CliRunner().invoke(main, ["steps", "show", "ec2.nope"]).exit_code == 2
+
+
+def test_submit_publishes_on_the_dispatchers_own_broker(dispatcher: Dispatcher, redis_client: redis.Redis,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Dispatcher built with explicit settings publishes there, whatever this process's environment says."""
+    monkeypatch.setenv("STEPWORKER_REDIS_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    try:
+        execution = dispatcher.submit_step("core.echo", {"x": 1})
+    finally:
+        get_settings.cache_clear()
+    assert redis_client.llen("q-tdisp") == 1
+    assert dispatcher.status(execution).steps[0].queue == "q-tdisp"
