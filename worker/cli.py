@@ -225,7 +225,7 @@ def result(execution_id: str, which: str | None, fmt: str | None, as_json: bool)
             click.echo(json.dumps(result_json(api, view), default=str))
         else:
             output.execution_summary(view)
-        sys.exit(0 if view.status == Status.SUCCEEDED else EXIT_FAILED if view.status.terminal else 0)
+        sys.exit(EXIT_FAILED if view.status.terminal and view.status != Status.SUCCEEDED else 0)
     index = step_index(view, which)
     columns = view.steps[index].columns
     rows = api.rows(execution_id, index)

@@ -145,10 +145,10 @@ class Dispatcher:
 
     def logs(self, execution_id: str, *, follow: bool = False, after: str = "0-0") -> Iterator[LogEntry]:
         """The execution's log lines; with ``follow``, keep reading until the execution ends."""
-        self.status(execution_id)
+        self._status_of(execution_id)
         cursor = after
         while True:
-            ended = self.status(execution_id).status.terminal if follow else True
+            ended = self._status_of(execution_id).terminal if follow else True
             entries = self.store.read_logs(execution_id, cursor, block_ms=None if ended else 1000)
             for entry in entries:
                 cursor = entry.id
@@ -160,13 +160,19 @@ class Dispatcher:
         """Block until the execution ends (or ``timeout`` seconds pass); returns its record."""
         deadline = None if timeout is None else time.monotonic() + timeout
         cursor = "$"
-        while True:
-            view = self.status(execution_id)
-            if view.status.terminal or (deadline is not None and time.monotonic() >= deadline):
-                return view
+        while not self._status_of(execution_id).terminal:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
             reply: Any = self.client.xread({self.store.keys.events: cursor}, count=1000, block=500)
             if reply:
                 cursor = reply[0][1][-1][0]
+        return self.status(execution_id)
+
+    def _status_of(self, execution_id: str) -> Status:
+        found = self.store.execution_status(execution_id)
+        if found is None:
+            raise ExecutionNotFound(execution_id)
+        return found
 
     # -- cancelling ----------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from worker.store import BeginResult, Store
 
 if TYPE_CHECKING:
     from worker.credentials import AwsAccess
+    from worker.keystore import KeyStore
 
 log = structlog.get_logger("stepworker.runner")
 quiet = structlog.get_logger("stepworker.runner.quiet")  # worker stdout only, not the execution log
@@ -178,15 +179,21 @@ class Runner:
     def _aws_for(self, step_cls: type[Step], params: Any, execution_id: str, project: str) -> AwsAccess | None:
         if not step_cls.uses_aws():
             return None
-        from worker import credentials, keystore  # noqa: PLC0415  (only AWS steps need them)
+        from worker import credentials  # noqa: PLC0415  (only AWS steps need it)
 
         config = self.projects.get(project)
         try:
             resolved = credentials.resolve(params, config, self.settings)
         except credentials.ConfigError as exc:
             raise Permanent(str(exc), code="ConfigError") from exc
-        return credentials.access(resolved, execution_id=execution_id,
-                                  keys=keystore.open_keystore(self.settings, self.client))
+        return credentials.access(resolved, execution_id=execution_id, keys=self.keystore)
+
+    @functools.cached_property
+    def keystore(self) -> KeyStore:
+        """This process's key storage (opened once; the master key is read on first use)."""
+        from worker import keystore  # noqa: PLC0415
+
+        return keystore.open_keystore(self.settings, self.client)
 
     def _audit(self, ctx: PhaseContext | None, aws: AwsAccess | None) -> dict[str, Any]:
         audit: dict[str, Any] = {"truncated": int(bool(ctx and ctx.truncated))}

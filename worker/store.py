@@ -270,6 +270,11 @@ class Store:
             current=int(record.get("current", 0)), steps=steps,
         )
 
+    def execution_status(self, execution_id: str) -> Status | None:
+        """Just the execution's status (one HGET), or None if unknown or expired."""
+        value: Any = self.client.hget(self.keys.execution(execution_id), "status")
+        return None if value is None else Status(value)
+
     def execution_ids(self, project: str | None, limit: int) -> list[str]:
         """The newest execution ids, of one project or of all."""
         key = self.keys.by_project(project) if project else self.keys.all_executions
@@ -281,8 +286,7 @@ class Store:
         key = self.keys.logs(execution_id)
         raw: Any
         if block_ms is None:
-            raw = self.client.xrange(key, min=f"({after}", count=count) if after != "0-0" else \
-                self.client.xrange(key, count=count)
+            raw = self.client.xrange(key, min=f"({after}" if after != "0-0" else "-", count=count)
         else:
             reply: Any = self.client.xread({key: after}, count=count, block=block_ms)
             raw = reply[0][1] if reply else []
