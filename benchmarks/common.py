@@ -25,8 +25,8 @@ import redis
 from celery import Celery
 
 from worker import sandbox
-from worker.celery_app import celery_config
 from worker.dispatcher import Dispatcher
+from worker.engine.celery_app import celery_config
 from worker.keys import Keys
 from worker.models import Status
 from worker.settings import Settings, get_settings
@@ -34,8 +34,8 @@ from worker.settings import Settings, get_settings
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = frozenset(str(status) for status in Status if status.terminal)
 
-# The baseline: raw Celery with stepworker's own Celery configuration (worker.celery_app.celery_config) and,
-# since importing worker.celery_app connects its setup_logging hook, the same logging setup in its workers.
+# The baseline: raw Celery with stepworker's own Celery configuration (worker.engine.celery_app.celery_config) and,
+# since importing worker.engine.celery_app connects its setup_logging hook, the same logging setup in its workers.
 baseline_app = Celery("stepworker-baseline")
 
 

@@ -39,8 +39,8 @@ from steps.athena import QueryAthena
 from worker import credentials, sandbox
 from worker import logging as worker_logging
 from worker.dispatcher import Dispatcher
+from worker.engine.runner import Runner
 from worker.models import Status
-from worker.runner import Runner
 from worker.settings import Settings
 
 PARAMS = {

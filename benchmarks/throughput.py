@@ -4,7 +4,7 @@ Run: ``.venv/bin/python -m benchmarks.throughput [--n 5000] [--rounds 3]``.
 
 Both sides run one worker process, prefork ``-c 2``, on one private redis-server, one after the other (the
 order alternates between rounds). The baseline is ``benchmarks.common.baseline_app``: its configuration IS
-``worker.celery_app.celery_config(settings)`` (acks_late, reject_on_worker_lost, prefetch multiplier 1,
+``worker.engine.celery_app.celery_config(settings)`` (acks_late, reject_on_worker_lost, prefetch multiplier 1,
 task events + sent events, track_started, ignore_result, JSON, transport options, time limits), its
 worker has the flags ``stepworker worker`` passes (``-P prefork -c 2 -E --without-gossip``, same ``-l``), the
 same logging setup, and its task INCRs a Redis counter. The producer is one loop of ``send_task`` on one side

@@ -329,7 +329,7 @@ def _type_of(spec: dict[str, Any]) -> str:
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 def worker(queues: str | None, concurrency: int | None, pool: str, hostname: str, loglevel: str) -> None:
     """Run a Celery worker with stepworker's options (acks late, events on, soft shutdown)."""
-    from worker.celery_app import app  # noqa: PLC0415
+    from worker.engine.celery_app import app  # noqa: PLC0415
     from worker.settings import get_settings  # noqa: PLC0415
 
     argv = ["worker", "-P", pool, "-E", "--without-gossip", "-n", hostname, "-l", loglevel,

@@ -11,13 +11,13 @@ from pydantic import ValidationError
 
 from steps.base import get_step
 from steps.errors import UnknownStep
-from worker import celery_app
+from worker.engine import celery_app
+from worker.engine.store import Store
 from worker.ids import new_execution_id
 from worker.keys import Keys
 from worker.models import ExecutionView, Job, LogEntry, Status, StepSpec
 from worker.projects import ProjectCache, ProjectConfig, ProjectStore
 from worker.settings import Settings, get_settings
-from worker.store import Store
 
 
 class JobInvalid(ValueError):

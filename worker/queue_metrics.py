@@ -316,7 +316,7 @@ def main(
     inspect_timeout: float,
 ) -> None:
     """Print each queue's backlog (waiting + unacked) as JSON lines; optionally publish it to CloudWatch."""
-    from worker.celery_app import app  # noqa: PLC0415  (configures itself from STEPWORKER_* settings)
+    from worker.engine.celery_app import app  # noqa: PLC0415  (configures itself from STEPWORKER_* settings)
     from worker.settings import get_settings  # noqa: PLC0415
 
     settings = get_settings()

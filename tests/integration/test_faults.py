@@ -35,7 +35,7 @@ def test_killed_worker_mid_wait_finishes_exactly_once(stack: Stack) -> None:
 
 def test_duplicate_phase_messages_are_harmless(stack: Stack) -> None:
     """Publishing every phase message twice (as a redelivery race would) still finishes once."""
-    from worker import celery_app
+    from worker.engine import celery_app
 
     stack.start_worker()
     execution = stack.dispatcher.submit_step("core.sleep", {"seconds": 1})

@@ -1,6 +1,6 @@
 """Flower against the test broker: tasks are listed under their step-type names, and no param value shows.
 
-Flower 2.2 runs as a real process (``celery -A worker.celery_app flower``) on a free loopback port, with
+Flower 2.2 runs as a real process (``celery -A worker.engine.celery_app flower``) on a free loopback port, with
 ``FLOWER_UNAUTHENTICATED_API`` so its HTTP API answers; it learns about tasks from Celery's events, which the
 dispatcher (task-sent) and the worker (received, started, succeeded) publish on the private Redis.
 """
@@ -65,7 +65,7 @@ def flower(stack: Stack, tmp_path: Path) -> Iterator[Flower]:
             "-m",
             "celery",
             "-A",
-            "worker.celery_app",
+            "worker.engine.celery_app",
             "flower",
             f"--port={port}",
             "--address=127.0.0.1",

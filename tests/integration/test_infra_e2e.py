@@ -16,7 +16,7 @@ import pytest
 from tests.fakes.aws_proxy import AwsProxy, Recorded, Reply
 from tests.integration.conftest import FAST_REDELIVERY, Stack
 from tests.processes import run_module
-from worker.context import idempotency_token
+from worker.engine.context import idempotency_token
 from worker.models import LogEntry, Status
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from tests.fakes.logs_insights import LogsInsightsFake
 from tests.integration.conftest import FAST_REDELIVERY, Stack
 from tests.waiting import wait_until
 from worker import sandbox
-from worker.context import idempotency_token
+from worker.engine.context import idempotency_token
 from worker.models import LogEntry, Status
 
 pytestmark = pytest.mark.integration

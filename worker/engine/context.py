@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from steps.base import StepLogger
 from steps.errors import Permanent
-from worker.store import Store
+from worker.engine.store import Store
 
 if TYPE_CHECKING:
     from worker.credentials import AwsAccess

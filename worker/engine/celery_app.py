@@ -57,7 +57,7 @@ def _configure(sender: Celery, **_: Any) -> None:
 
 
 def _run_phase(self: Task[Any, Any], execution_id: str, index: int, phase: int) -> None:
-    from worker.runner import current_runner  # noqa: PLC0415  (the runner imports this module)
+    from worker.engine.runner import current_runner  # noqa: PLC0415  (the runner imports this module)
 
     current_runner().handle(execution_id, index, phase)
 
@@ -110,6 +110,6 @@ def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
 
 @worker_process_init.connect
 def _fresh_connections(**_: Any) -> None:
-    from worker.runner import current_runner  # noqa: PLC0415
+    from worker.engine.runner import current_runner  # noqa: PLC0415
 
     current_runner.cache_clear()

@@ -21,15 +21,16 @@ import structlog
 
 from steps.base import Done, Step, get_step
 from steps.errors import Permanent, Transient
-from worker import celery_app, redaction
 from worker import logging as worker_logging
+from worker import redaction
 from worker.aws_errors import classify
-from worker.context import PhaseContext
+from worker.engine import celery_app
+from worker.engine.context import PhaseContext
+from worker.engine.store import BeginResult, Store
 from worker.keys import Keys
 from worker.models import Status
 from worker.projects import ProjectCache, ProjectStore
 from worker.settings import Settings, get_settings
-from worker.store import BeginResult, Store
 
 if TYPE_CHECKING:
     from worker.credentials import AwsAccess
