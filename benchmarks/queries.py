@@ -291,7 +291,7 @@ class Harness:
         self.runner.handle(execution_id, 0, 0)
         self.runner.handle(execution_id, 0, 1)
         step = self.dispatcher.status(execution_id).steps[0]
-        key = self.runner.store.keys.rows(execution_id, 0)
+        key = self.runner.machine.keys.rows(execution_id, 0)
         return {
             "status": str(step.status),
             "row_count": step.row_count,

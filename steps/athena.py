@@ -14,7 +14,12 @@ from steps.errors import RemoteFailed
 
 if TYPE_CHECKING:
     from types_boto3_athena import AthenaClient
-    from types_boto3_athena.type_defs import QueryExecutionStatusTypeDef, QueryExecutionTypeDef, RowTypeDef
+    from types_boto3_athena.type_defs import (
+        PaginatorConfigTypeDef,
+        QueryExecutionStatusTypeDef,
+        QueryExecutionTypeDef,
+        RowTypeDef,
+    )
 
 RUNNING = frozenset({"QUEUED", "RUNNING"})
 FAILED = frozenset({"FAILED", "CANCELLED"})
@@ -64,24 +69,32 @@ def _values(row: RowTypeDef) -> Row:
 
 @dataclass
 class _ResultPages:
-    """Feeds the result one GetQueryResults page at a time, keeping only a small preview in memory."""
+    """Feeds the result one GetQueryResults page at a time, keeping only a small preview in memory.
+
+    Each page is stored with the token of the page after it, so a phase that dies or is retried
+    midway resumes from the next page instead of paging (and storing) from the start.
+    """
 
     ctx: StepContext
     max_rows: int | None
     preview_size: int
     count: int = 0
     truncated: bool = False
+    previewed: bool = False
+    columns: list[str] = field(default_factory=list)
     preview: list[Row] = field(default_factory=list)
 
-    def feed(self, rows: list[Row], more: bool) -> bool:
+    def feed(self, rows: list[Row], next_token: str | None) -> bool:
         """Add one page of rows; False once the result is full (``truncated`` says whether rows were left)."""
         room = rows if self.max_rows is None else rows[: self.max_rows - self.count]
         self.preview.extend(room[: self.preview_size - len(self.preview)])
-        accepted = self.ctx.add_rows(room)
         self.count += len(room)
+        cursor = {"page_token": next_token, "rows_seen": self.count, "previewed": self.previewed,
+                  "columns": self.columns}
+        accepted = self.ctx.add_rows(room, cursor=cursor)
         capped = self.max_rows is not None and self.count >= self.max_rows
         # The runner's cap may drop rows inside this page, so its refusal always means truncated.
-        self.truncated = not accepted or (capped and (more or len(room) < len(rows)))
+        self.truncated = not accepted or (capped and (bool(next_token) or len(room) < len(rows)))
         return accepted and not capped
 
 
@@ -159,8 +172,15 @@ class QueryAthena(Step):
         return Poll(state={"query_id": query_id, "last_state": state})
 
     def cancel(self, ctx: StepContext, params: Params) -> None:
-        """Stop the query an earlier phase started; a query that already finished is left as it is."""
+        """Stop the query an earlier phase started; a query that already finished is left as it is.
+
+        A delivery that died between StartQueryExecution and saving the id left only its ``starting``
+        mark: the same ClientRequestToken makes Athena hand back that query's id (starting nothing new
+        if it had started), and the query is stopped.
+        """
         query_id = ctx.state.get("query_id")
+        if query_id is None and ctx.state.get("starting"):
+            query_id = ctx.client("athena").start_query_execution(**params.start_request(ctx.token))["QueryExecutionId"]
         if query_id is None:
             return
         try:
@@ -173,6 +193,7 @@ class QueryAthena(Step):
         ctx.log.info("athena.stopped", query_id=query_id)
 
     def _start(self, ctx: StepContext, params: Params) -> Poll:
+        ctx.checkpoint(starting=True)
         response = ctx.client("athena").start_query_execution(**params.start_request(ctx.token))
         query_id = response["QueryExecutionId"]
         ctx.checkpoint(query_id=query_id)
@@ -192,10 +213,12 @@ class QueryAthena(Step):
 
     def _fetch(self, ctx: StepContext, params: Params, execution: QueryExecutionTypeDef) -> Mapping[str, Any]:
         query_id = execution["QueryExecutionId"]
-        pages = _ResultPages(ctx, params.max_rows, params.preview_rows)
-        columns = self._page_rows(ctx, query_id, pages)
+        pages = _ResultPages(ctx, params.max_rows, params.preview_rows, count=int(ctx.state.get("rows_seen", 0)),
+                             previewed=bool(ctx.state.get("previewed")), columns=list(ctx.state.get("columns", [])))
+        self._page_rows(ctx, params, query_id, pages)
         output_location = execution.get("ResultConfiguration", {}).get("OutputLocation", "")
-        self._log_preview(ctx, params, columns, pages)
+        if not pages.previewed:
+            self._log_preview(ctx, params, pages)
         if pages.truncated:
             ctx.log.warning(
                 "athena.truncated", query_id=query_id, row_count=pages.count, full_output=output_location
@@ -213,26 +236,32 @@ class QueryAthena(Step):
             "console_url": console_url(ctx.region, query_id),
         }
 
-    @staticmethod
-    def _page_rows(ctx: StepContext, query_id: str, pages: _ResultPages) -> list[str]:
-        """Page every row into ``pages`` (header row skipped); returns the column names."""
+    def _page_rows(self, ctx: StepContext, params: Params, query_id: str, pages: _ResultPages) -> None:
+        """Page every row into ``pages`` (header row skipped), from the saved page token if there is one."""
         paginator = ctx.client("athena").get_paginator("get_query_results")
-        columns: list[str] = []
-        responses = paginator.paginate(QueryExecutionId=query_id, PaginationConfig={"PageSize": PAGE_SIZE})
-        for number, page in enumerate(responses):
+        config: PaginatorConfigTypeDef = {"PageSize": PAGE_SIZE}
+        resumed = ctx.state.get("page_token")
+        if resumed:
+            config["StartingToken"] = resumed
+        for number, page in enumerate(paginator.paginate(QueryExecutionId=query_id, PaginationConfig=config)):
             result_set = page["ResultSet"]
             rows = [_values(row) for row in result_set.get("Rows", [])]
-            if number == 0:
+            if number == 0 and not resumed:
                 columns = [c["Name"] for c in result_set.get("ResultSetMetadata", {}).get("ColumnInfo", [])]
                 ctx.set_columns(columns)
+                pages.columns = columns
                 # SELECT results start with a header row that repeats the column names.
                 rows = rows[1:] if rows and rows[0] == columns else rows
-            if not pages.feed(rows, more=bool(page.get("NextToken"))):
+            more = pages.feed(rows, page.get("NextToken"))
+            if not pages.previewed and (len(pages.preview) >= params.preview_rows or not more):
+                self._log_preview(ctx, params, pages)
+            if not more:
                 break
-        return columns
 
     @staticmethod
-    def _log_preview(ctx: StepContext, params: Params, columns: list[str], pages: _ResultPages) -> None:
+    def _log_preview(ctx: StepContext, params: Params, pages: _ResultPages) -> None:
+        pages.previewed = True
+        columns = pages.columns
         if params.preview_rows == 0 or not columns:
             return
         size = params.preview_rows

@@ -115,6 +115,9 @@ class StepContext(Protocol):
         """Where the credentials came from (``default-chain``, ``assumed-role:<arn>``, ...)."""
     @property
     def log(self) -> StepLogger: ...
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether a cancel arrived while this phase runs (a long phase may stop early)."""
 
     def checkpoint(self, **state: Any) -> None:
         """Persist state now, before acting on what a call started (for APIs without a token)."""
@@ -125,8 +128,13 @@ class StepContext(Protocol):
     def set_columns(self, columns: Sequence[str]) -> None:
         """Declare the column names of the step's result rows."""
 
-    def add_rows(self, rows: Iterable[Sequence[Any]]) -> bool:
-        """Append result rows (stored in pages); returns False once the row cap is reached."""
+    def add_rows(self, rows: Iterable[Sequence[Any]], cursor: Mapping[str, Any] | None = None) -> bool:
+        """Append result rows (stored in pages); returns False once the row cap is reached.
+
+        A phase's rows continue where the last ``cursor`` (or the last finished phase) left off:
+        rows already stored are skipped, so a retried phase that pages again adds nothing twice.
+        ``cursor`` (a page token) is saved in the state with these rows, so a retry can resume there.
+        """
 
     @overload
     def client(self, service: Literal["athena"]) -> AthenaClient: ...

@@ -11,6 +11,20 @@ import redis
 from worker import sandbox
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (or STEPWORKER_RUN_SLOW=1)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``slow`` tests unless ``--run-slow`` or ``STEPWORKER_RUN_SLOW=1`` asks for them."""
+    if config.getoption("--run-slow") or os.environ.get("STEPWORKER_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or STEPWORKER_RUN_SLOW=1")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """``REDIS_URL`` when given, else a private redis-server on a free loopback port."""

@@ -33,6 +33,7 @@ class LocalContext:
         self.step_index = step_index
         self.region = region
         self.credential_source = "default-chain"
+        self.cancel_requested = False
         self.token = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.execution_id}:{step_index}"))
         self.state: dict[str, Any] = {}
         self.checkpoints: list[dict[str, Any]] = []
@@ -66,11 +67,13 @@ class LocalContext:
     def set_columns(self, columns: Sequence[str]) -> None:
         self.columns = list(columns)
 
-    def add_rows(self, rows: Iterable[Sequence[Any]]) -> bool:
+    def add_rows(self, rows: Iterable[Sequence[Any]], cursor: Mapping[str, Any] | None = None) -> bool:
         for row in rows:
             if len(self.rows) >= self.max_rows:
                 return False
             self.rows.append(list(row))
+        if cursor is not None:
+            self.state.update(cursor)
         return True
 
 
@@ -81,10 +84,10 @@ class PagingContext(LocalContext):
         super().__init__(**kwargs)
         self.pages: list[int] = []
 
-    def add_rows(self, rows: Iterable[Sequence[Any]]) -> bool:
+    def add_rows(self, rows: Iterable[Sequence[Any]], cursor: Mapping[str, Any] | None = None) -> bool:
         rows = list(rows)
         self.pages.append(len(rows))
-        return super().add_rows(rows)
+        return super().add_rows(rows, cursor)
 
 
 def run_step(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, EndpointConnectionError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
 
 from steps.errors import Permanent, StepError, Transient
 
@@ -40,7 +40,9 @@ def classify(exc: Exception) -> StepError:
         if code in TRANSIENT_CODES or status >= 500 or status == 429:
             return Transient(message, code=code)
         return Permanent(message, code=code)
-    if isinstance(exc, EndpointConnectionError | ConnectionError):
+    # Connect/read timeouts, closed connections and unreachable endpoints: the request may not have
+    # arrived, and every mutating call carries an idempotency token or a checkpoint, so retry.
+    if isinstance(exc, ConnectionError | HTTPClientError):
         return Transient(f"could not reach AWS: {exc}", code=type(exc).__name__)
     if isinstance(exc, BotoCoreError):
         return Permanent(f"AWS client error: {exc}", code=type(exc).__name__)

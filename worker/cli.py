@@ -18,7 +18,7 @@ import redis
 import yaml
 
 from worker import cli_admin, output
-from worker.dispatcher import Dispatcher, ExecutionNotFound, JobInvalid
+from worker.dispatcher import Dispatcher, ExecutionNotFound, JobInvalid, Unavailable
 from worker.models import ExecutionView, Status
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -44,9 +44,11 @@ def handled(func: F) -> F:
                 click.echo(f"Error: {where}: {what}" if where else f"Error: {what}", err=True)
             sys.exit(EXIT_INVALID)
         except ExecutionNotFound as exc:
-            fail(f"no execution {exc.args[0]!r} (unknown, or past its retention)", EXIT_FAILED)
-        except redis.ConnectionError as exc:
-            fail(f"cannot reach Redis: {exc} (check STEPWORKER_REDIS_URL)", EXIT_UNAVAILABLE)
+            fail(f"no execution {exc.args[0]!r}: unknown id or expired", EXIT_FAILED)
+        except Unavailable as exc:
+            fail(str(exc), EXIT_UNAVAILABLE)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            fail(f"cannot reach Redis ({exc}); check STEPWORKER_REDIS_URL", EXIT_UNAVAILABLE)
 
     return wrapper  # type: ignore[return-value]
 
@@ -328,15 +330,21 @@ def _type_of(spec: dict[str, Any]) -> str:
 @click.option("--hostname", "-n", default="stepworker@%h", show_default=True, help="Node name (unique per host).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 def worker(queues: str | None, concurrency: int | None, pool: str, hostname: str, loglevel: str) -> None:
-    """Run a Celery worker with stepworker's options (acks late, events on, soft shutdown)."""
-    from worker.engine.celery_app import app  # noqa: PLC0415
+    """Run a Celery worker with stepworker's options (acks late, events on, soft shutdown).
+
+    Exits with the worker's exit code: 0 after a warm shutdown, 1 after an unrecoverable error.
+    """
+    from celery.bin.celery import celery as celery_command  # noqa: PLC0415
+
     from worker.settings import get_settings  # noqa: PLC0415
 
-    argv = ["worker", "-P", pool, "-E", "--without-gossip", "-n", hostname, "-l", loglevel,
-            "-Q", queues or get_settings().default_queue]
+    argv = ["-A", "worker.engine.celery_app:app", "worker", "-P", pool, "-E", "--without-gossip", "-n", hostname,
+            "-l", loglevel, "-Q", queues or get_settings().default_queue]
     if concurrency:
         argv += ["-c", str(concurrency)]
-    app.worker_main(argv)
+    # Not app.worker_main: it and app.start drop the exit code click hands back in non-standalone mode,
+    # so a worker that died of an error exited 0 and Restart=on-failure (systemd, ECS) never fired.
+    celery_command.main(args=argv, prog_name="stepworker", standalone_mode=True)
 
 
 @main.command(context_settings=CONTEXT)

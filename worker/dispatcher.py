@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -12,6 +14,8 @@ from pydantic import ValidationError
 from steps.base import get_step
 from steps.errors import UnknownStep
 from worker.engine import celery_app
+from worker.engine.connections import UNAVAILABLE, store_client
+from worker.engine.protocol import StateMachine, Timing
 from worker.engine.store import Store
 from worker.ids import new_execution_id
 from worker.keys import Keys
@@ -29,7 +33,11 @@ class JobInvalid(ValueError):
 
 
 class ExecutionNotFound(KeyError):
-    """No execution with that id (unknown, or past its retention)."""
+    """No execution with that id (unknown, or expired: past its retention after it ended)."""
+
+
+class Unavailable(ConnectionError):
+    """Redis (the store) or the broker could not be reached in time; the message says which and what was kept."""
 
 
 def _location(prefix: str, loc: Sequence[int | str]) -> str:
@@ -48,9 +56,9 @@ class Dispatcher:
 
     def __init__(self, settings: Settings | None = None, client: redis.Redis | None = None) -> None:
         self.settings = settings or get_settings()
-        self.client = client or redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
-        self.store = Store(self.client, Keys(self.settings.key_prefix), retention=self.settings.retention_seconds,
-                           log_maxlen=self.settings.log_stream_maxlen)
+        self.client = client or store_client(self.settings, "dispatcher")
+        self.store = Store(self.client, Keys(self.settings.key_prefix))
+        self.machine = StateMachine(self.client, self.store.keys, Timing.of(self.settings))
         self.projects = ProjectCache(ProjectStore(self.client, self.store.keys), ttl=2.0)
         self.app = celery_app.publisher(self.settings)
 
@@ -59,14 +67,30 @@ class Dispatcher:
     def submit(self, job: Job | Mapping[str, Any]) -> str:
         """Validate a job, store its execution and enqueue its first step; returns the execution id.
 
-        Raises JobInvalid (naming every bad field) before anything is written.
+        Raises JobInvalid (naming every bad field) before anything is written, and Unavailable when
+        Redis or the broker cannot be reached: then nothing was submitted, unless the message says
+        the execution was kept (stored, and run by the sweeper once the broker is back).
         """
-        model, params, queues = self.validate(job)
+        model, records = self.validate_records(job)
         execution_id = new_execution_id()
-        self.store.create_execution(execution_id, model, params, queues)
-        celery_app.publish(model.steps[0].type, execution_id, 0, 0, queue=queues[0], project=model.project,
-                           via=self.app)
+        with _unavailable("Redis (the store)", "nothing was submitted"):
+            self.machine.create(execution_id, model, records)
+        try:
+            celery_app.publish(model.steps[0].type, execution_id, 0, 0, queue=records[0]["queue"],
+                               project=model.project, via=self.app)
+        except Exception as exc:  # (kombu raises OperationalError and socket errors alike)
+            raise self._unpublished(execution_id, model, exc) from None
         return execution_id
+
+    def _unpublished(self, execution_id: str, job: Job, exc: Exception) -> Unavailable:
+        reason = f"cannot reach the broker ({type(exc).__name__}: {exc})"
+        try:
+            if self.machine.rollback(execution_id, job.project, len(job.steps)):
+                return Unavailable(f"{reason}; nothing was submitted")
+        except UNAVAILABLE:
+            return Unavailable(f"{reason}; execution {execution_id} was stored and runs once the broker is "
+                               "back (do not submit it again)")
+        return Unavailable(f"{reason}, but a worker has already started execution {execution_id}")
 
     def submit_step(self, step_type: str, params: Mapping[str, Any] | None = None, *, project: str = "default",
                     queue: str | None = None, name: str | None = None, timeout: float | None = None) -> str:
@@ -75,37 +99,49 @@ class Dispatcher:
                                 "timeout": timeout}
         return self.submit({"project": project, "steps": [{k: v for k, v in spec.items() if v is not None}]})
 
-    def validate(self, job: Job | Mapping[str, Any]) -> tuple[Job, list[dict[str, Any]], list[str]]:
+    def validate(self, job: Job | Mapping[str, Any]) -> Job:
         """Check a job without storing it: its shape, every step's params, credentials and queue."""
+        return self.validate_records(job)[0]
+
+    def validate_records(self, job: Job | Mapping[str, Any]) -> tuple[Job, list[dict[str, Any]]]:
+        """The checked job and its step records, with the configuration each step is frozen to."""
         try:
             model = job if isinstance(job, Job) else Job.model_validate(job)
         except ValidationError as exc:
             raise JobInvalid(_problems("", exc)) from None
-        project = self.projects.get(model.project)
+        with _unavailable("Redis (the store)", "nothing was submitted"):
+            project = self.projects.get(model.project)
         problems: list[tuple[str, str]] = []
-        params: list[dict[str, Any]] = []
-        queues: list[str] = []
+        records: list[dict[str, Any]] = []
         for index, spec in enumerate(model.steps):
-            checked = self._validate_step(index, spec, project, problems)
-            params.append(checked)
-            queues.append(spec.queue or (project.queue if project else None) or self.settings.default_queue)
+            params, aws = self._validate_step(index, spec, project, problems)
+            queue = spec.queue or (project.queue if project else None) or self.settings.default_queue
+            records.append({"type": spec.type, "name": spec.name or f"{index + 1}. {spec.type}",
+                            "params": json.dumps(params), "queue": queue, "retries": spec.retries,
+                            "timeout": spec.timeout or "", "project_layer": aws})
         if problems:
             raise JobInvalid(problems)
-        return model, params, queues
+        return model, records
 
-    def _validate_step(self, index: int, spec: StepSpec, project: ProjectConfig | None, problems: list[tuple[str, str]]
-                       ) -> dict[str, Any]:
+    def _validate_step(self, index: int, spec: StepSpec, project: ProjectConfig | None,
+                       problems: list[tuple[str, str]]) -> tuple[dict[str, Any], str]:
+        """The step's params as stored, and the project layer it is frozen to as JSON ('' for no AWS).
+
+        The project layer is frozen at submit, so editing a project never moves a running step to
+        another region or role; the system layer is the worker's own (its host's provider and keys).
+        """
         where = f"steps[{index}]"
         try:
             step_cls = get_step(spec.type)
         except UnknownStep as exc:
             problems.append((f"{where}.type", exc.message))
-            return {}
+            return {}, ""
         try:
             params = step_cls.Params.model_validate(spec.params)
         except ValidationError as exc:
             problems.extend(_problems(f"{where}.params", exc))
-            return {}
+            return {}, ""
+        frozen = ""
         if step_cls.uses_aws():
             from worker import credentials  # noqa: PLC0415
 
@@ -113,8 +149,9 @@ class Dispatcher:
                 credentials.resolve(params, project, self.settings)  # type: ignore[arg-type]  # AwsParams checked above
             except credentials.ConfigError as exc:
                 problems.append((f"{where}.params", str(exc)))
+            frozen = (project or ProjectConfig()).model_dump_json(exclude_none=True)
         dumped: dict[str, Any] = params.model_dump(mode="json")
-        return dumped
+        return dumped, frozen
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -137,7 +174,9 @@ class Dispatcher:
         found: list[ExecutionView] = []
         for execution_id in self.store.execution_ids(project, limit * (4 if status else 1)):
             view = self.store.execution(execution_id)
-            if view is not None and (status is None or view.status == status):
+            if view is None:
+                self.store.forget(execution_id, project)
+            elif status is None or view.status == status:
                 found.append(view)
             if len(found) >= limit:
                 break
@@ -177,13 +216,26 @@ class Dispatcher:
     # -- cancelling ----------------------------------------------------------------------------------
 
     def cancel(self, execution_id: str) -> bool:
-        """Ask the execution to stop; its current step calls the service's stop API. False if already over."""
+        """Ask the execution to stop; False if it had already ended.
+
+        A step waiting between phases is stopped at once (its state says what to stop in AWS); a phase
+        that is running sees the request at its commit and stops what it started before it ends.
+        """
         view = self.status(execution_id)
-        if view.status.terminal:
-            return False
-        self.store.request_cancel(execution_id)
-        record = self.store.step_record(execution_id, view.current)
-        if record and not Status(record["status"]).terminal:
-            celery_app.publish(record["type"], execution_id, view.current, int(record["phase"]),
-                               queue=record["queue"], project=view.project, nudge=True, via=self.app)
-        return True
+        reply = self.machine.request_cancel(execution_id, len(view.steps))
+        if reply.verdict == "missing":
+            raise ExecutionNotFound(execution_id)
+        if reply.verdict == "idle":
+            # The request made the step due now: if this nudge is lost, the sweeper sends one.
+            with contextlib.suppress(Exception):
+                celery_app.publish(reply.type, execution_id, reply.index, reply.phase, queue=reply.queue,
+                                   project=view.project, copy="cancel", via=self.app)
+        return reply.verdict != "ended"
+
+
+@contextlib.contextmanager
+def _unavailable(what: str, consequence: str) -> Iterator[None]:
+    try:
+        yield
+    except UNAVAILABLE as exc:
+        raise Unavailable(f"cannot reach {what} ({exc}); {consequence}") from None

@@ -1,7 +1,8 @@
 """Every Redis key stepworker writes, named in one place.
 
-Execution data (executions, steps, logs, rows, flags, events) expires after the retention
-setting. Configuration (projects, key storage) is kept until deleted: it is not execution data.
+Execution data (executions, steps, logs, rows, flags) expires the retention setting after the
+execution ends; nothing of a running execution expires. Configuration (projects, key storage) is
+kept until deleted: it is not execution data.
 """
 
 from __future__ import annotations
@@ -35,9 +36,6 @@ class Keys:
         """String: set when cancellation was requested."""
         return f"{self.prefix}:exec:{execution_id}:cancel"
 
-    def deliveries(self, execution_id: str, index: int, phase: int) -> str:
-        """Counter: deliveries of one phase message (poison-message guard)."""
-        return f"{self.prefix}:exec:{execution_id}:step:{index}:phase:{phase}:deliveries"
 
     def by_project(self, project: str) -> str:
         """Sorted set: a project's execution ids by creation time."""
@@ -47,6 +45,16 @@ class Keys:
     def all_executions(self) -> str:
         """Sorted set: every execution id by creation time."""
         return f"{self.prefix}:executions"
+
+    @property
+    def schedule(self) -> str:
+        """Sorted set: ``execution:index`` of every unfinished step → when the sweeper should look at it."""
+        return f"{self.prefix}:schedule"
+
+    @property
+    def sweeper_lock(self) -> str:
+        """String: the worker that runs the sweeper now (a lock with an expiry)."""
+        return f"{self.prefix}:sweeper"
 
     @property
     def events(self) -> str:

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -15,7 +15,8 @@ import structlog
 
 from worker import redaction
 
-_sink: ContextVar[list[dict[str, str]] | None] = ContextVar("stepworker_log_sink", default=None)
+Sink = Callable[[dict[str, str]], None]
+_sink: ContextVar[Sink | None] = ContextVar("stepworker_log_sink", default=None)
 _CONTEXT_KEYS = frozenset({"execution_id", "step_index", "step_type", "attempt", "phase", "logger", "level",
                            "event", "timestamp", "project"})
 
@@ -24,7 +25,7 @@ def _capture(_: Any, method: str, event_dict: MutableMapping[str, Any]) -> Mutab
     sink = _sink.get()
     if sink is not None and "step_index" in event_dict and event_dict.get("logger") != "stepworker.runner.quiet":
         fields = {k: v for k, v in event_dict.items() if k not in _CONTEXT_KEYS}
-        sink.append({
+        sink({
             "ts": f"{time.time():.6f}", "level": method, "step": str(event_dict["step_index"]),
             "event": str(event_dict.get("event", "")), "fields": json.dumps(fields, default=str),
         })
@@ -32,12 +33,11 @@ def _capture(_: Any, method: str, event_dict: MutableMapping[str, Any]) -> Mutab
 
 
 @contextmanager
-def capture() -> Iterator[list[dict[str, str]]]:
-    """Collect the log lines emitted inside the block (for one phase of one step)."""
-    lines: list[dict[str, str]] = []
-    token = _sink.set(lines)
+def capture(sink: Sink) -> Iterator[None]:
+    """Hand the step log lines emitted inside the block (one phase of one step) to ``sink``."""
+    token = _sink.set(sink)
     try:
-        yield lines
+        yield
     finally:
         _sink.reset(token)
 

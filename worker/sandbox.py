@@ -66,13 +66,16 @@ class Service:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start_redis(port: int | None = None, *, appendonly: bool = False) -> Service:
-    """Start a private ``redis-server`` on 127.0.0.1 (``noeviction``, as a broker needs)."""
+def start_redis(port: int | None = None, *, appendonly: bool = False, workdir: str | None = None) -> Service:
+    """Start a private ``redis-server`` on 127.0.0.1 (``noeviction``, as a broker needs).
+
+    Given the ``workdir`` of a stopped one (and ``appendonly``), it starts from that one's data.
+    """
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
     port = port or free_port()
-    workdir = tempfile.mkdtemp(prefix="stepworker-redis-")
+    workdir = workdir or tempfile.mkdtemp(prefix="stepworker-redis-")
     args = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", workdir,
             "--appendonly", "yes" if appendonly else "no", "--maxmemory-policy", "noeviction"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for executions, logs, keys")
     broker_url: str | None = Field(None, description="Celery broker; defaults to redis_url")
     key_prefix: str = Field("sw", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key")
-    retention_seconds: int = Field(7 * 86400, ge=60, description="TTL of execution data in Redis")
+    retention_seconds: int = Field(7 * 86400, ge=60, description="How long an ended execution's data stays in Redis")
     default_queue: str = Field("stepworker", pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
     visibility_timeout: int = Field(3600, ge=10, description="Broker visibility timeout, seconds")
     broker_transport_options: dict[str, Any] = Field(
@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     poll_max_seconds: float = Field(30.0, gt=0, description="Longest poll delay (backoff cap)")
     log_stream_maxlen: int = Field(10_000, ge=100, description="Approximate cap of one execution's log")
     delivery_limit: int = Field(5, ge=1, description="Deliveries of one phase before it counts as poison")
+    lease_seconds: float = Field(30.0, ge=2, description="Phase lease: how soon a dead worker's phase is claimable")
+    grace_seconds: float = Field(
+        30.0, ge=1, description="How long past its due time a phase may go unclaimed before the sweeper republishes it"
+    )
+    sweep_interval_seconds: float = Field(1.0, gt=0, le=60, description="How often the sweeper looks for due work")
+    redis_socket_timeout: float = Field(5.0, gt=0, description="Seconds a Redis call may wait for its reply")
+    redis_connect_timeout: float = Field(3.0, gt=0, description="Seconds to connect to Redis")
     max_rows: int = Field(100_000, ge=1, description="Rows a query step stores in Redis before it cuts")
     soft_shutdown_timeout: float = Field(25.0, ge=0, description="Celery soft shutdown, below ECS stopTimeout")
 
@@ -52,6 +59,8 @@ class Settings(BaseSettings):
     def _polls_below_visibility(self) -> Self:
         if self.poll_max_seconds * 10 > self.visibility_timeout:
             raise ValueError("poll_max_seconds must stay below a tenth of visibility_timeout")
+        if self.lease_seconds * 10 > self.visibility_timeout:
+            raise ValueError("lease_seconds must stay below a tenth of visibility_timeout")
         if self.poll_min_seconds > self.poll_max_seconds:
             raise ValueError("poll_min_seconds must not exceed poll_max_seconds")
         return self

@@ -21,11 +21,13 @@ from worker.models import ExecutionView
 from worker.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-# A killed worker's unacked message comes back after 10 s (kombu sweeps for expired ones every second).
-FAST_REDELIVERY = {
-    "STEPWORKER_VISIBILITY_TIMEOUT": "10",
+# A killed worker's phase is claimable 3 s after its last heartbeat, and the sweeper republishes it; a
+# countdown message lost with its worker is republished 3 s after it was due. The broker's visibility
+# timeout stays at its default (1 h): recovery must not depend on it.
+FAST_RECOVERY = {
+    "STEPWORKER_LEASE_SECONDS": "3",
+    "STEPWORKER_GRACE_SECONDS": "3",
     "STEPWORKER_POLL_MAX_SECONDS": "1",
-    "STEPWORKER_BROKER_TRANSPORT_OPTIONS": '{"unacked_restore_interval": 1, "unacked_restore_throttle": 1}',
 }
 
 
@@ -94,7 +96,7 @@ class Stack:
         """Run ``submit`` on a worker that is SIGKILLed once ``reached`` is set; a second worker redelivers.
 
         ``released`` is set once the first worker is dead (a proxy hook can hold a reply until then).
-        ``env`` should include FAST_REDELIVERY so the unacked message comes back within seconds.
+        ``env`` should include FAST_RECOVERY so the sweeper republishes the phase within seconds.
         """
         try:
             first = self.start_worker(env, concurrency=1)
@@ -146,3 +148,4 @@ def stack(redis_url: str, aws: str, tmp_path: Path) -> Iterator[Stack]:
     finally:
         result.stop()
         client.close()
+

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.conftest import FAST_REDELIVERY, Stack
+from tests.integration.conftest import FAST_RECOVERY, Stack
 from tests.waiting import wait_until
 from worker.models import Status
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 def test_killed_worker_mid_wait_finishes_exactly_once(stack: Stack) -> None:
     # Given a worker holding the countdown message of a waiting core.sleep step
-    first = stack.start_worker(FAST_REDELIVERY)
+    first = stack.start_worker(FAST_RECOVERY)
     execution = stack.dispatcher.submit({"steps": [{"type": "core.sleep", "params": {"seconds": 3}},
                                                    {"type": "core.echo", "params": {"after": "sleep"}}]})
     wait_until(lambda: stack.dispatcher.status(execution).steps[0].polls >= 1, "the first poll")
@@ -22,7 +22,7 @@ def test_killed_worker_mid_wait_finishes_exactly_once(stack: Stack) -> None:
     stack.kill_worker(first)
     assert stack.dispatcher.status(execution).status == Status.RUNNING
     # and another worker comes up
-    stack.start_worker(FAST_REDELIVERY)
+    stack.start_worker(FAST_RECOVERY)
     # Then the message is redelivered and the execution finishes, each step exactly once
     view = stack.dispatcher.wait(execution, timeout=90)
     assert view.status == Status.SUCCEEDED, stack.worker_logs()[-3000:]
@@ -40,7 +40,7 @@ def test_duplicate_phase_messages_are_harmless(stack: Stack) -> None:
     stack.start_worker()
     execution = stack.dispatcher.submit_step("core.sleep", {"seconds": 1})
     for phase in range(4):
-        celery_app.publish("core.sleep", execution, 0, phase, queue=stack.queue, project="default", nudge=True)
+        celery_app.publish("core.sleep", execution, 0, phase, queue=stack.queue, project="default", copy="duplicate")
     view = stack.dispatcher.wait(execution, timeout=30)
     assert view.status == Status.SUCCEEDED
     assert view.steps[0].completions == 1

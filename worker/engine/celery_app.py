@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
 
 import steps
+from worker.engine import broker
 from worker.settings import Settings, get_settings
 
 app = Celery("stepworker")
@@ -15,6 +17,7 @@ app = Celery("stepworker")
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings for at-least-once delivery of short phase tasks on Redis."""
+    broker.register()  # before any connection: kombu caches the transport class per URL scheme
     transport = {
         "visibility_timeout": settings.visibility_timeout,
         "health_check_interval": 30,
@@ -73,29 +76,39 @@ def publisher(settings: Settings) -> Celery:
     """An app that only sends, on ``settings``' broker (one per broker URL per process).
 
     A dispatcher built with explicit settings must publish where those settings say, not
-    wherever this process's environment points the worker app.
+    wherever this process's environment points the worker app. Its sends give up within seconds
+    (the settings' Redis timeouts, one retry) so a caller learns of a broker outage in bounded time.
     """
     found = _publishers.get(settings.broker)
     if found is None:
         found = Celery("stepworker", set_as_current=False)
-        found.conf.update(celery_config(settings))
+        config = celery_config(settings)
+        config["broker_transport_options"] = {
+            **config["broker_transport_options"], "socket_timeout": settings.redis_socket_timeout,
+            "socket_connect_timeout": settings.redis_connect_timeout,
+        }
+        config["broker_connection_timeout"] = settings.redis_connect_timeout
+        config["task_publish_retry_policy"] = {"max_retries": 1, "interval_start": 0.2, "interval_step": 0.5,
+                                               "interval_max": 0.5}
+        found.conf.update(config)
         _publishers[settings.broker] = found
     return found
 
 
 def publish(step_type: str, execution_id: str, index: int, phase: int, *, queue: str, project: str,
-            countdown: float = 0.0, nudge: bool = False, via: Celery = app) -> None:
+            countdown: float = 0.0, copy: str = "", via: Celery = app) -> None:
     """Enqueue one phase of one step through ``via``; the message carries ids only, never params.
 
-    A ``nudge`` is an extra, immediate copy of a waiting phase (used by cancel, so it need not
-    wait for the poll's countdown); the phase compare-and-set makes the copy harmless.
+    ``copy`` names an extra message for a phase that may already have one (``cancel``: stop an idle
+    step now; ``sweep``: a phase found due and unclaimed); the phase's lease makes copies harmless.
     """
+    task_id = f"{execution_id}.{index}.{phase}" + (f".{copy}-{uuid.uuid4().hex[:6]}" if copy else "")
     via.send_task(
         step_type,
         args=(execution_id, index, phase),
         queue=queue,
         countdown=countdown if countdown > 0 else None,
-        task_id=f"{execution_id}.{index}.{phase}" + (".nudge" if nudge else ""),
+        task_id=task_id,
         argsrepr=f"({execution_id!r}, {index}, {phase})",
         kwargsrepr=f"{{'type': {step_type!r}, 'project': {project!r}}}",
     )
@@ -113,3 +126,17 @@ def _fresh_connections(**_: Any) -> None:
     from worker.engine.runner import current_runner  # noqa: PLC0415
 
     current_runner.cache_clear()
+
+
+@worker_ready.connect
+def _start_sweeper(**_: Any) -> None:
+    from worker.engine import sweeper  # noqa: PLC0415
+
+    sweeper.start(get_settings())
+
+
+@worker_shutdown.connect
+def _stop_sweeper(**_: Any) -> None:
+    from worker.engine import sweeper  # noqa: PLC0415
+
+    sweeper.stop()

@@ -1,17 +1,21 @@
-"""The runner: the one task body behind every step type (start → poll* → done).
+"""The runner: the one task body behind every step type (claim → run → commit or finish).
 
-Each task message is one *phase* of one step. The runner claims it in Redis, runs the step's
-``run`` once, and either commits a Poll (state first, then the next phase's message with a
-countdown) or finishes the step and enqueues the next one. Every transition is a
-compare-and-set on the step's phase, so redelivered and duplicated messages are harmless.
+Each task message is one *phase* of one step. The runner claims the phase's lease, runs the step's
+``run`` once under it, and either commits a Poll (state saved, the next phase published with a
+countdown) or finishes the step and publishes the next one. Every write is fenced by the lease
+(``worker.engine.protocol``), so duplicated, redelivered and stale messages change nothing, and a
+publish that is lost is made good by the sweeper from the schedule.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import random
+import socket
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,11 +29,13 @@ from worker import logging as worker_logging
 from worker import redaction
 from worker.aws_errors import classify
 from worker.engine import celery_app
-from worker.engine.context import PhaseContext
-from worker.engine.store import BeginResult, Store
+from worker.engine.connections import UNAVAILABLE, store_client
+from worker.engine.context import COLUMNS, ROWS_AT, PhaseContext
+from worker.engine.lease import HeldLease, Keeper
+from worker.engine.protocol import Claim, Lease, LeaseLost, StateMachine, Timing
 from worker.keys import Keys
 from worker.models import Status
-from worker.projects import ProjectCache, ProjectStore
+from worker.projects import ProjectConfig
 from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -59,12 +65,29 @@ class End:
     audit: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Phase:
+    """One claimed phase: its lease, records, and (once prepared) the step, params and context."""
+
+    lease: Lease
+    claim: Claim
+    held: HeldLease
+    step: Step | None = None
+    params: Any = None
+    aws: AwsAccess | None = None
+    ctx: PhaseContext | None = None
+
+    @property
+    def record(self) -> Mapping[str, str]:
+        """The step record as claimed."""
+        return self.claim.step
+
+
 @functools.cache
 def current_runner() -> Runner:
     """This process's runner (recreated after a fork, so no socket is shared)."""
     settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    return Runner(settings, client)
+    return Runner(settings, store_client(settings, "worker"))
 
 
 class Runner:
@@ -73,74 +96,100 @@ class Runner:
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
         self.settings = settings
         self.client = client
-        self.store = Store(client, Keys(settings.key_prefix), retention=settings.retention_seconds,
-                           log_maxlen=settings.log_stream_maxlen)
-        self.projects = ProjectCache(ProjectStore(client, self.store.keys))
+        self.machine = StateMachine(client, Keys(settings.key_prefix), Timing.of(settings))
+        self.keeper = Keeper()
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
 
     def handle(self, execution_id: str, index: int, phase: int) -> None:
-        """Handle one phase message."""
-        begin = self.store.begin(execution_id, index, phase)
-        if begin.verdict == "run":
-            self._run(execution_id, index, phase, begin)
-        elif begin.verdict == "stale":
-            self._republish_lost(execution_id, index, phase, begin)
-        elif begin.verdict == "terminal":
-            self._resume_execution(execution_id, index, begin)
-        else:
-            quiet.warning("phase.orphaned", execution_id=execution_id, step=index, phase=phase)
+        """Handle one phase message; returns normally whenever the message may be acked."""
+        try:
+            self._handle(execution_id, index, phase)
+        except LeaseLost:
+            quiet.warning("phase.fenced", execution_id=execution_id, step=index, phase=phase)
+        except UNAVAILABLE as exc:
+            # The schedule still holds the step (lease expiry or due time): the sweeper republishes it.
+            quiet.error("phase.store_unavailable", execution_id=execution_id, step=index, phase=phase,
+                        error=str(exc))
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+    def _handle(self, execution_id: str, index: int, phase: int) -> None:
+        lease = Lease(execution_id, index, phase, f"{self.owner}:{uuid.uuid4().hex[:12]}")
+        claim = self.machine.claim(execution_id, index, phase, lease.token)
+        if claim.verdict != "run":
+            quiet.debug("phase.skipped", execution_id=execution_id, step=index, phase=phase, verdict=claim.verdict)
+            return
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(execution_id=execution_id, step_index=index,
+                                               step_type=claim.step["type"], phase=phase,
+                                               project=claim.execution.get("project"))
+        with self.keeper.hold(self.machine, lease) as held:
+            self._run(Phase(lease, claim, held))
 
     # -- one phase ---------------------------------------------------------------------------
 
-    def _run(self, execution_id: str, index: int, phase: int, begin: BeginResult) -> None:
-        step_type = begin.step["type"]
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(execution_id=execution_id, step_index=index, step_type=step_type,
-                                               phase=phase, project=begin.execution.get("project"))
+    def _run(self, current: Phase) -> None:
         started = time.monotonic()
-        with worker_logging.capture() as lines:
-            result = self._phase(execution_id, index, phase, begin)
-            if isinstance(result, End):
-                log.log(20 if result.status == Status.SUCCEEDED else 40, "step.finished",
-                        status=str(result.status), duration_ms=round((time.monotonic() - started) * 1000, 1),
-                        **({"error": result.error["message"]} if result.error else {}))
-        quiet.debug("phase.finished", outcome="poll" if isinstance(result, Advance) else str(result.status),
-                   duration_ms=round((time.monotonic() - started) * 1000, 1))
-        if isinstance(result, Advance):
-            self._advance(execution_id, index, phase, begin, result, lines)
-        else:
-            self._finish(execution_id, index, phase, begin, result, lines)
-        structlog.contextvars.clear_contextvars()
+        with worker_logging.capture(current.held.append):
+            result = self._phase(current)
+            if isinstance(result, Advance):
+                verdict = self.machine.commit_poll(current.lease, result.state, attempts=result.attempts,
+                                                   countdown=result.countdown, logs=current.held.take())
+                if verdict == "ok":
+                    quiet.debug("phase.finished", outcome="poll", duration_ms=_ms(started))
+                    self._publish(current, current.lease.phase + 1, result.countdown)
+                    return
+                if current.ctx is not None:
+                    current.ctx.state.update(result.state)
+                result = self._stop(current, Status.CANCELLED, "cancelled on request")
+            log.log(20 if result.status == Status.SUCCEEDED else 40, "step.finished", status=str(result.status),
+                    duration_ms=_ms(started), **({"error": result.error["message"]} if result.error else {}))
+        self._finish(current, result)
 
-    def _phase(self, execution_id: str, index: int, phase: int, begin: BeginResult) -> Advance | End:
-        record = begin.step
+    def _phase(self, current: Phase) -> Advance | End:
+        record = current.record
         attempts = int(record.get("attempts", 0))
         state = json.loads(record.get("state") or "{}")
-        if begin.deliveries > self.settings.delivery_limit:
+        if current.claim.deliveries > self.settings.delivery_limit:
             return End(Status.FAILED, error=Permanent(
-                f"phase {phase} was delivered {begin.deliveries} times without finishing "
+                f"phase {current.lease.phase} was delivered {current.claim.deliveries} times without finishing "
                 "(its worker keeps dying: out of memory, or killed); giving up", code="PoisonMessage").as_dict())
-        ctx: PhaseContext | None = None
         try:
-            step_cls = get_step(record["type"])
-            params = step_cls.Params.model_validate_json(record["params"])
-            aws = self._aws_for(step_cls, params, execution_id, begin.execution.get("project", "default"))
-            ctx = self._context(execution_id, index, state, aws, record)
-            step = step_cls()
-            if begin.cancel_requested:
-                return self._stop(step, ctx, params, Status.CANCELLED, "cancelled on request", aws)
+            self._prepare(current, state)
+            assert current.ctx is not None  # (set by _prepare)
+            assert current.step is not None
+            if current.claim.cancel_requested:
+                return self._stop(current, Status.CANCELLED, "cancelled on request")
             if self._expired(record):
-                return self._stop(step, ctx, params, Status.TIMED_OUT,
-                                  f"step exceeded its timeout of {float(record['timeout']):g} s", aws)
-            if phase == 0 and attempts == 0:
+                return self._stop(current, Status.TIMED_OUT,
+                                  f"step exceeded its timeout of {float(record['timeout']):g} s")
+            if current.lease.phase == 0 and attempts == 0:
                 log.info("step.started", name=record.get("name"), queue=record.get("queue"))
-            outcome = step.run(ctx, params)
-            ctx.flush_rows()
+            outcome = current.step.run(current.ctx, current.params)
+            current.ctx.flush_rows()
+        except (LeaseLost, *UNAVAILABLE):
+            raise
         except Exception as exc:  # (every failure must end as a recorded status)
-            return self._failure(exc, ctx.state if ctx else state, attempts, int(record.get("retries", 0)))
+            ctx_state = current.ctx.state if current.ctx else state
+            return self._failure(exc, ctx_state, attempts, int(record.get("retries", 0)))
         if isinstance(outcome, Done):
-            return End(Status.SUCCEEDED, outputs=outcome.outputs, audit=self._audit(ctx, aws))
+            return End(Status.SUCCEEDED, outputs=outcome.outputs, audit=self._audit(current))
         polls = int(record.get("polls", 0))
-        return Advance({**ctx.state, **outcome.state}, self._poll_delay(outcome.after, polls), attempts)
+        # A phase that polls made progress: the next one starts after its rows, with a fresh retry budget.
+        next_state = {**current.ctx.state, **outcome.state}
+        if current.ctx.position:
+            next_state[ROWS_AT] = current.ctx.position
+        return Advance(next_state, self._poll_delay(outcome.after, polls), 0)
+
+    def _prepare(self, current: Phase, state: Mapping[str, Any]) -> None:
+        record = current.record
+        step_cls = get_step(record["type"])
+        current.step = step_cls()
+        current.params = step_cls.Params.model_validate_json(record["params"])
+        current.aws = self._aws_for(record, current.params, current.lease.execution_id)
+        current.ctx = PhaseContext(held=current.held, state=state, aws=current.aws,
+                                   default_region=self.settings.aws_region or "us-east-1", log=log,
+                                   max_rows=self.settings.max_rows)
 
     def _failure(self, exc: Exception, state: Mapping[str, Any], attempts: int, retries: int) -> Advance | End:
         error = classify(exc)
@@ -153,17 +202,20 @@ class Runner:
             quiet.exception("step.crashed")
         return End(Status.FAILED, error=error.as_dict())
 
-    def _stop(self, step: Step, ctx: PhaseContext, params: Any, status: Status, reason: str,
-              aws: AwsAccess | None) -> End:
-        if ctx.state:
+    def _stop(self, current: Phase, status: Status, reason: str) -> End:
+        """End the step ``status`` after stopping what it started (the state its phases saved)."""
+        ctx, step = current.ctx, current.step
+        if ctx is not None and step is not None and ctx.state:
             try:
-                step.cancel(ctx, params)
+                step.cancel(ctx, current.params)
                 log.info("step.stopped", reason=reason)
+            except (LeaseLost, *UNAVAILABLE):
+                raise
             except Exception as exc:  # (a failed stop is reported, the step still ends)
                 log.warning("step.stop_failed", error=classify(exc).message)
         error = {"kind": status.name.title().replace("_", ""), "message": reason, "code": str(status),
                  "resource_id": ""}
-        return End(status, error=error, audit=self._audit(ctx, aws))
+        return End(status, error=error, audit=self._audit(current))
 
     def _expired(self, record: Mapping[str, str]) -> bool:
         timeout, started = record.get("timeout"), record.get("started_at")
@@ -177,17 +229,18 @@ class Runner:
 
     # -- AWS access ----------------------------------------------------------------------------
 
-    def _aws_for(self, step_cls: type[Step], params: Any, execution_id: str, project: str) -> AwsAccess | None:
-        if not step_cls.uses_aws():
+    def _aws_for(self, record: Mapping[str, str], params: Any, execution_id: str) -> AwsAccess | None:
+        """AWS access from the step's params, the project layer frozen at submit and this worker's settings."""
+        frozen = record.get("project_layer")
+        if not frozen:
             return None
         from worker import credentials  # noqa: PLC0415  (only AWS steps need it)
 
-        config = self.projects.get(project)
         try:
-            resolved = credentials.resolve(params, config, self.settings)
+            config = credentials.resolve(params, ProjectConfig.model_validate_json(frozen), self.settings)
         except credentials.ConfigError as exc:
             raise Permanent(str(exc), code="ConfigError") from exc
-        return credentials.access(resolved, execution_id=execution_id, keys=self.keystore)
+        return credentials.access(config, execution_id=execution_id, keys=self.keystore)
 
     @functools.cached_property
     def keystore(self) -> KeyStore:
@@ -196,8 +249,11 @@ class Runner:
 
         return keystore.open_keystore(self.settings, self.client)
 
-    def _audit(self, ctx: PhaseContext | None, aws: AwsAccess | None) -> dict[str, Any]:
-        audit: dict[str, Any] = {"truncated": int(bool(ctx and ctx.truncated))}
+    def _audit(self, current: Phase) -> dict[str, Any]:
+        ctx, aws = current.ctx, current.aws
+        audit: dict[str, Any] = {"truncated": str(int(bool(ctx and ctx.truncated)))}
+        if ctx is not None and COLUMNS in ctx.state:
+            audit["columns"] = json.dumps(ctx.state[COLUMNS])
         if aws is not None:
             audit.update(region=aws.region, credential_source=aws.credential_source)
             try:
@@ -206,27 +262,11 @@ class Runner:
                 quiet.warning("principal.unknown", error=classify(exc).message)
         return audit
 
-    def _context(self, execution_id: str, index: int, state: Mapping[str, Any], aws: AwsAccess | None,
-                 record: Mapping[str, str]) -> PhaseContext:
-        return PhaseContext(
-            store=self.store, execution_id=execution_id, step_index=index, state=state, aws=aws,
-            default_region=self.settings.aws_region or "us-east-1", log=log, max_rows=self.settings.max_rows,
-            row_count=int(record.get("row_count", 0)),
-        )
-
     # -- transitions -----------------------------------------------------------------------------
 
-    def _advance(self, execution_id: str, index: int, phase: int, begin: BeginResult, result: Advance,
-                 lines: list[dict[str, str]]) -> None:
-        if not self.store.commit_poll(execution_id, index, phase, result.state, result.attempts, lines):
-            quiet.info("phase.superseded", execution_id=execution_id, step=index, phase=phase)
-            return
-        self._publish(execution_id, index, phase + 1, begin.step["type"], begin.step["queue"],
-                      begin.execution.get("project", ""), result.countdown)
-
-    def _finish(self, execution_id: str, index: int, phase: int, begin: BeginResult, result: End,
-                lines: list[dict[str, str]]) -> None:
-        execution = begin.execution
+    def _finish(self, current: Phase, result: End) -> None:
+        execution = current.claim.execution
+        index = current.lease.index
         step_count = int(execution["step_count"])
         next_index: int | None = None
         if result.status == Status.CANCELLED:
@@ -237,40 +277,26 @@ class Runner:
             next_index, final = index + 1, ""
         else:
             final = "auto"
-        fields: dict[str, Any] = {"outputs": json.dumps(dict(result.outputs), default=str)}
+        fields: dict[str, str] = {"outputs": json.dumps(dict(result.outputs), default=str)}
         if result.error:
             fields["error"] = json.dumps(redaction.redact_value("error", dict(result.error)))
-        fields.update(result.audit)
-        done = self.store.finish_step(execution_id, index, phase, result.status, step_count=step_count,
-                                      next_index=next_index, execution_status=final, fields=fields, logs=lines)
-        if done is not None and next_index is not None:
-            self._publish(execution_id, next_index, 0, done.next_type, done.next_queue,
-                          execution.get("project", ""), 0.0)
+        fields.update({name: str(value) for name, value in result.audit.items()})
+        done = self.machine.finish(current.lease, result.status, step_count=step_count, next_index=next_index,
+                                   final=final, fields=fields, logs=current.held.take())
+        if done.execution_status is None and next_index is not None:
+            self._publish(current, 0, 0.0, index=next_index, step_type=done.next_type, queue=done.next_queue)
 
-    def _publish(self, execution_id: str, index: int, phase: int, step_type: str, queue: str, project: str,
-                 countdown: float) -> None:
-        celery_app.publish(step_type, execution_id, index, phase, queue=queue, project=project,
-                           countdown=countdown)
-        self.store.mark_published(execution_id, index, phase)
+    def _publish(self, current: Phase, phase: int, countdown: float, *, index: int | None = None,
+                 step_type: str | None = None, queue: str | None = None) -> None:
+        record = current.record
+        try:
+            celery_app.publish(step_type or record["type"], current.lease.execution_id,
+                               current.lease.index if index is None else index, phase,
+                               queue=queue or record["queue"], project=current.claim.execution.get("project", ""),
+                               countdown=countdown)
+        except Exception as exc:  # (the transition is written: the schedule makes the sweeper publish it)
+            quiet.warning("phase.publish_failed", error=str(exc))
 
-    # -- recovery of messages lost between a commit and its publish ------------------------------
 
-    def _republish_lost(self, execution_id: str, index: int, phase: int, begin: BeginResult) -> None:
-        current, published = int(begin.step["phase"]), int(begin.step.get("published", -1))
-        if phase == current - 1 and published < current:
-            quiet.warning("phase.republished", execution_id=execution_id, step=index, phase=current)
-            self._publish(execution_id, index, current, begin.step["type"], begin.step["queue"],
-                          begin.execution.get("project", ""), 0.0)
-
-    def _resume_execution(self, execution_id: str, index: int, begin: BeginResult) -> None:
-        execution = begin.execution
-        if Status(execution.get("status", "queued")).terminal:
-            return
-        current = int(execution.get("current", 0))
-        if current <= index:
-            return
-        record = self.store.step_record(execution_id, current)
-        if record.get("status") == Status.QUEUED and int(record.get("published", -1)) < 0:
-            quiet.warning("step.republished", execution_id=execution_id, step=current)
-            self._publish(execution_id, current, 0, record["type"], record["queue"],
-                          execution.get("project", ""), 0.0)
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 1)
