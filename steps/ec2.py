@@ -133,6 +133,8 @@ class _ChangeInstances(Step):
 
     first_poll: ClassVar[float | None] = None
     target: ClassVar[tuple[str, ...]]
+    # States that show the request was already made (by a delivery that died before its checkpoint).
+    in_motion: ClassVar[frozenset[str]] = frozenset()
 
     def request(self, ctx: StepContext, ec2: EC2Client, params: Any) -> list[dict[str, str]]:
         """Make the state-change call; return one {instance_id, previous, current} per instance."""
@@ -146,8 +148,12 @@ class _ChangeInstances(Step):
         """Request the change once (a redelivered phase skips it), then poll the target state."""
         ec2 = ctx.client("ec2")
         changes: list[dict[str, str]] | None = ctx.state.get("changes") if ctx.state.get("started") else None
+        if changes is None and ctx.state.get("requesting"):
+            changes = self._already_requested(ec2, params)
         if changes is None:
             began = time.monotonic()
+            # These APIs take no client token: mark the request first, so a redelivery checks before acting.
+            ctx.checkpoint(requesting=True)
             changes = self.request(ctx, ec2, params)
             ctx.checkpoint(started=True, changes=changes)
             elapsed = round(time.monotonic() - began, 3)
@@ -157,6 +163,15 @@ class _ChangeInstances(Step):
         if not params.wait:
             return self._done(ctx, changes, {})
         return self._check(ctx, ec2, params, changes)
+
+    def _already_requested(self, ec2: EC2Client, params: _InstanceParams) -> list[dict[str, str]] | None:
+        """The changes an earlier delivery's request made, if every instance shows it; else None."""
+        if not self.in_motion:
+            return None
+        states = _states(ec2.describe_instances(InstanceIds=list(params.instance_ids)))
+        if set(states) != set(params.instance_ids) or not self.in_motion.issuperset(states.values()):
+            return None
+        return [{"instance_id": key, "previous": value, "current": value} for key, value in states.items()]
 
     def _check(
         self, ctx: StepContext, ec2: EC2Client, params: _InstanceParams, changes: list[dict[str, str]]
@@ -193,6 +208,7 @@ class StartInstances(_ChangeInstances):
     title = "AWS / VM / Start"
     iam_actions = ("ec2:StartInstances", "ec2:DescribeInstances", "ec2:DescribeInstanceStatus")
     target = ("running",)
+    in_motion = frozenset({"pending", "running"})
 
     class Params(_InstanceParams):
         wait_for_status_ok: bool = Field(
@@ -221,6 +237,7 @@ class StopInstances(_ChangeInstances):
     title = "AWS / VM / Stop"
     iam_actions = ("ec2:StopInstances", "ec2:DescribeInstances")
     target = ("stopped",)
+    in_motion = frozenset({"stopping", "stopped"})
 
     class Params(_InstanceParams):
         force: bool = Field(False, description="Force the stop (no clean OS shutdown; last resort)")
@@ -269,6 +286,7 @@ class TerminateInstances(_ChangeInstances):
     title = "AWS / VM / Delete"
     iam_actions = ("ec2:TerminateInstances", "ec2:DescribeInstances")
     target = ("terminated",)
+    in_motion = frozenset({"shutting-down", "terminated"})
 
     class Params(_InstanceParams):
         max_instances: int = Field(5, ge=1, le=100, description="Refuse more instances than this...")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from botocore.exceptions import ClientError
 from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
-from steps.base import AwsParams, Done, Outcome, Step, StepContext
+from steps.base import AwsParams, Done, Outcome, Poll, Step, StepContext
 from steps.errors import Permanent, RemoteFailed
 from steps.session_manager import DataChannel, PayloadType, SessionEnd, SessionError, SessionTimeout
 
@@ -161,7 +161,8 @@ class RunCommand(Step):
 
     This step holds its worker slot while the session is open: a WebSocket session cannot be split
     across re-enqueued phases. ``timeout_seconds`` bounds it (at most 900 s); past it the session is
-    terminated. The target task needs enableExecuteCommand and a task role with
+    terminated, and a cancel terminates it within a few seconds (the lease renewal brings the request).
+    The target task needs enableExecuteCommand and a task role with
     ssmmessages:CreateControlChannel, CreateDataChannel, OpenControlChannel and OpenDataChannel.
 
     Redelivery: ExecuteCommand is not idempotent, so the session id is checkpointed as soon as it
@@ -210,6 +211,11 @@ class RunCommand(Step):
         ctx.set_columns(COLUMNS)
         capture = Capture(ctx, marker)
         end = _converse(ctx, session, capture, params.timeout_seconds)
+        if end.closed_by == "stopped":
+            # A cancel arrived mid-session: end it now; the runner sees the cancel at this phase's commit
+            # and finishes the step cancelled (calling cancel, whose TerminateSession is then a no-op).
+            _terminate_quietly(ctx, session.session_id)
+            return Poll(state={"session_id": session.session_id})
         ctx.log.info(
             "session.closed", message=CLOSED_MESSAGE, session_id=session.session_id, closed_by=end.closed_by
         )
@@ -256,7 +262,7 @@ def _execute(ctx: StepContext, params: RunCommand.Params, command: str) -> ExecS
 def _converse(ctx: StepContext, session: ExecSession, capture: Capture, timeout: int) -> SessionEnd:
     channel = DataChannel(session.stream_url, session.token, capture.feed)
     try:
-        return channel.run(timeout)
+        return channel.run(timeout, should_stop=lambda: ctx.cancel_requested)
     except SessionError as err:
         _terminate_quietly(ctx, session.session_id)
         reason = f"timed out after {timeout} s" if isinstance(err, SessionTimeout) else str(err)

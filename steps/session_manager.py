@@ -216,7 +216,7 @@ class InOrder:
 class SessionEnd:
     """How the channel ended: the agent's channel_closed message, or the WebSocket closing."""
 
-    closed_by: Literal["channel_closed", "websocket"]
+    closed_by: Literal["channel_closed", "websocket", "stopped"]
     output: str = ""
 
 
@@ -274,14 +274,18 @@ class DataChannel:
             PayloadType.STDERR: self._on_output,
         }
 
-    def run(self, timeout: float) -> SessionEnd:
-        """Converse until the channel closes; SessionError if it fails or outlives ``timeout``."""
+    def run(self, timeout: float, should_stop: Callable[[], bool] | None = None) -> SessionEnd:
+        """Converse until the channel closes, or ``should_stop`` says so (checked every tick);
+        SessionError if it fails or outlives ``timeout``."""
         deadline = time.monotonic() + timeout
         with self._connect(timeout) as ws:
             self._ws = ws
             try:
                 ws.send(self._open_message())
                 while self._end is None:
+                    if should_stop is not None and should_stop():
+                        self._end = SessionEnd("stopped", "stopped on request")
+                        break
                     self._turn(ws, deadline)
             except ConnectionClosed as closed:
                 self._end = SessionEnd("websocket", f"WebSocket closed ({closed})")

@@ -94,7 +94,9 @@ def test_stop_then_start_waits_and_reports_states(ec2: Any) -> None:
 
     assert {(r["previous"], r["current"]) for r in done.outputs["instances"]} == {("running", "stopped")}
     assert set(states(ec2, ids).values()) == {"stopped"}
-    assert ctx.checkpoints[0]["started"] is True
+    # the request is marked before it is made, then its result is saved
+    assert ctx.checkpoints[0] == {"requesting": True}
+    assert ctx.checkpoints[1]["started"] is True
     assert ctx.tables[0][0] == "AWS / VM / Stop"
     assert ctx.tables[0][1] == ["Instance ID", "Previous State", "Current State"]
     assert ctx.calls == ["ec2:StopInstances", "ec2:DescribeInstances"]
@@ -140,6 +142,37 @@ def test_redelivered_phase_does_not_repeat_the_request(ec2: Any) -> None:
     done = phase(StopInstances, params, ctx)
 
     assert isinstance(done, Done)
+    assert ctx.calls.count("ec2:StopInstances") == 1
+
+
+@pytest.mark.parametrize(("step", "before", "call"), [
+    (StopInstances, "running", "ec2:StopInstances"),
+    (StartInstances, "stopped", "ec2:StartInstances"),
+    (TerminateInstances, "running", "ec2:TerminateInstances"),
+])
+def test_a_delivery_that_died_after_its_request_is_not_repeated(
+        ec2: Any, step: type[Step], before: str, call: str) -> None:
+    # Given a delivery that made the request and died before saving what it changed
+    [instance] = launch(ec2)
+    if before == "stopped":
+        ec2.stop_instances(InstanceIds=[instance])
+    first = LocalContext()
+    run_step(step, {"instance_ids": [instance], "wait": False}, first)
+    assert first.calls.count(call) == 1
+    # When the phase is delivered again with only the mark of the request
+    again = LocalContext()
+    again.state.update(requesting=True)
+    done, _ = run_step(step, {"instance_ids": [instance]}, again)
+    # Then it sees the instances already on their way and does not call again
+    assert again.calls.count(call) == 0
+    assert done.outputs["instances"][0]["instance_id"] == instance
+
+
+def test_a_request_mark_without_the_change_in_ec2_requests_again(ec2: Any) -> None:
+    [instance] = launch(ec2)
+    ctx = LocalContext()
+    ctx.state.update(requesting=True)  # the delivery died before its StopInstances reached EC2
+    run_step(StopInstances, {"instance_ids": [instance]}, ctx)
     assert ctx.calls.count("ec2:StopInstances") == 1
 
 

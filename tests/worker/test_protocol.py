@@ -288,3 +288,13 @@ def test_lua_status_tables_come_from_the_status_enum() -> None:
     tables = _status_tables()
     for status in Status:
         assert (f"{status.value} = true" in tables) == status.terminal
+
+
+def test_the_last_step_finishing_after_a_cancel_ends_the_execution_cancelled(machine: StateMachine) -> None:
+    execution = submit(machine)
+    lease = claimed(machine, execution)
+    machine.request_cancel(execution, 1)
+    done = machine.finish(lease, Status.SUCCEEDED, step_count=1, next_index=None, final="auto", fields={})
+    # the step did finish its work; the execution reports the cancel that arrived meanwhile
+    assert done.execution_status == Status.CANCELLED
+    assert step(machine, execution)["status"] == "succeeded"

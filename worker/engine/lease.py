@@ -20,6 +20,7 @@ from worker.engine.protocol import Lease, LeaseLost, StateMachine
 
 quiet = structlog.get_logger("stepworker.runner.quiet")
 LogLine = Mapping[str, str]
+RENEW_SECONDS = 2.0
 
 
 class HeldLease:
@@ -53,10 +54,12 @@ class HeldLease:
             return lines
 
     def tick(self, now: float) -> None:
-        """Renew the lease when a third of it has passed, and send lines older than ``max_age``."""
+        """Renew the lease every couple of seconds (and at a third of it at most), and send lines older
+        than ``max_age``; each renewal also brings news of a cancel request."""
         with self._lock:
             stale_lines = bool(self._lines) and now - self._oldest >= self.max_age
-            if not self.lost and (stale_lines or now - self._renewed >= self.machine.timing.lease_seconds / 3):
+            period = min(self.machine.timing.lease_seconds / 3, RENEW_SECONDS)
+            if not self.lost and (stale_lines or now - self._renewed >= period):
                 self._send()
 
     def _send(self) -> None:

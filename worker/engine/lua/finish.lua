@@ -11,7 +11,8 @@ redis.call('ZREM', K.schedule, A.member)
 redis.call('XADD', K.events, 'MAXLEN', '~', A.events_maxlen, '*', 'execution', A.execution_id,
            'step', redis.call('HGET', K.step, 'index'), 'status', A.status)
 local final = A.final
-if final == '' and redis.call('EXISTS', K.cancel) == 1 then final = S.cancelled end
+-- A cancel request ends the execution here, even when this step got to finish its work first.
+if (final == '' or final == 'auto') and redis.call('EXISTS', K.cancel) == 1 then final = S.cancelled end
 if final == 'auto' then
   if number(K.execution, 'failures', 0) > 0 then final = S.failed else final = S.succeeded end
 end
