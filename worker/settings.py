@@ -39,7 +39,7 @@ class Settings(BaseSettings):
         30.0, ge=1, description="How long past its due time a phase may go unclaimed before the sweeper republishes it"
     )
     sweep_interval_seconds: float = Field(1.0, gt=0, le=60, description="How often the sweeper looks for due work")
-    redis_socket_timeout: float = Field(5.0, gt=0, description="Seconds a Redis call may wait for its reply")
+    redis_socket_timeout: float = Field(3.0, gt=0, description="Seconds a Redis call may wait for its reply")
     redis_connect_timeout: float = Field(3.0, gt=0, description="Seconds to connect to Redis")
     max_rows: int = Field(100_000, ge=1, description="Rows a query step stores in Redis before it cuts")
     soft_shutdown_timeout: float = Field(25.0, ge=0, description="Celery soft shutdown, below ECS stopTimeout")
