@@ -27,18 +27,16 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from websockets.sync.server import ServerConnection
 
 from steps.session_manager import AgentMessage, MessageType, PayloadType
-from tests.fakes.server import LoopbackServer
+from tests.fakes.server import AwsError, Call, LoopbackServer, json_handler
 from tests.fakes.session_manager_server import MARKER_RE, FakeAgent
 
 ECS_TARGET = "AmazonEC2ContainerServiceV20141113."
 SSM_TARGET = "AmazonSSM."
-CONTENT_TYPE = "application/x-amz-json-1.1"
 ARN = "arn:aws:ecs:us-east-1:123456789012"
 FIRST_OUTPUT_SEQ = 2  # after the handshake request (0) and handshake complete (1)
 
@@ -122,21 +120,6 @@ class LiveAgent(FakeAgent):
             self._take(ws, AgentMessage.decode(frame))
 
 
-@dataclass(frozen=True)
-class Call:
-    """One request the endpoint answered: its operation and JSON body."""
-
-    operation: str
-    body: dict[str, Any]
-
-
-class AwsError(Exception):
-    """An error reply in the JSON protocol's shape."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class EcsExecEndpoint(LoopbackServer):
@@ -148,7 +131,7 @@ class EcsExecEndpoint(LoopbackServer):
         self.terminations: list[str] = []
         self._queued: deque[LiveAgent] = deque()
         self._lock = threading.Lock()
-        self._bind(self._handler())
+        self._bind(json_handler(self.answer, ECS_TARGET, SSM_TARGET))
 
     def add(self, agent: LiveAgent) -> LiveAgent:
         """Queue an agent (already serving) for the next ExecuteCommand."""
@@ -198,28 +181,3 @@ class EcsExecEndpoint(LoopbackServer):
         if agent is not None:
             agent.terminated.set()
         return {"SessionId": session_id}
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                target = self.headers.get("X-Amz-Target", "")
-                operation = target.removeprefix(ECS_TARGET).removeprefix(SSM_TARGET)
-                try:
-                    status, reply = 200, endpoint.answer(operation, json.loads(self.rfile.read(length) or b"{}"))
-                except AwsError as err:
-                    status, reply = 400, {"__type": err.code, "message": err.message}
-                payload = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", CONTENT_TYPE)
-                self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        return Handler

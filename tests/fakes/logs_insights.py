@@ -10,18 +10,15 @@ Point a worker at it with ``AWS_ENDPOINT_URL_CLOUDWATCH_LOGS``.
 
 from __future__ import annotations
 
-import json
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from tests.fakes.server import LoopbackServer
+from tests.fakes.server import AwsError, Call, LoopbackServer, json_handler
 
 TARGET_PREFIX = "Logs_20140328."
-CONTENT_TYPE = "application/x-amz-json-1.1"
 
 
 @dataclass
@@ -34,21 +31,6 @@ class Query:
     polls: int = 0
 
 
-@dataclass(frozen=True)
-class Call:
-    """One request the fake answered: its operation and JSON body."""
-
-    operation: str
-    body: dict[str, Any]
-
-
-class AwsError(Exception):
-    """An error reply in the JSON protocol's shape."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass
@@ -63,7 +45,7 @@ class LogsInsightsFake(LoopbackServer):
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._bind(self._handler())
+        self._bind(json_handler(self.answer, TARGET_PREFIX))
 
     def operations(self) -> list[str]:
         """The operations called so far, in order."""
@@ -123,29 +105,3 @@ class LogsInsightsFake(LoopbackServer):
 
     def _statistics(self, share: float) -> dict[str, float]:
         return {name: value * share for name, value in self.statistics.items()}
-
-    # -- HTTP ------------------------------------------------------------------------------------
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                operation = self.headers.get("X-Amz-Target", "").removeprefix(TARGET_PREFIX)
-                try:
-                    status, reply = 200, fake.answer(operation, json.loads(self.rfile.read(length) or b"{}"))
-                except AwsError as err:
-                    status, reply = 400, {"__type": err.code, "message": err.message}
-                payload = json.dumps(reply).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", CONTENT_TYPE)
-                self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        return Handler
