@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from steps.base import Done, Outcome, Poll, Step, StepContext, StepParams
+from steps.errors import Transient
 from tests.waiting import wait_until
 from worker import credentials
 from worker import logging as worker_logging
@@ -43,6 +44,24 @@ class Blocking(Step):
 
     def cancel(self, ctx: StepContext, params: Params) -> None:
         stops.append(dict(ctx.state))
+
+
+flaky_outcomes: list[str] = []
+
+
+class Flaky(Step):
+    """Test step: each phase takes the next scripted outcome (a throttling error, a poll, or done)."""
+
+    type = "test.flaky"
+
+    class Params(StepParams):
+        pass
+
+    def run(self, ctx: StepContext, params: Params) -> Outcome:
+        outcome = flaky_outcomes.pop(0)
+        if outcome == "throttled":
+            raise Transient("Rate exceeded", code="ThrottlingException")
+        return Poll(after=0) if outcome == "poll" else Done()
 
 
 @pytest.fixture
@@ -125,3 +144,15 @@ def test_configuration_is_frozen_at_submit(parts: tuple[Dispatcher, Runner, list
     resolved = credentials.resolve(None, frozen, runner.settings)
     assert resolved.region == "eu-west-1"
     assert [hop.role_arn for hop in resolved.roles] == ["arn:aws:iam::123456789012:role/ops"]
+
+
+def test_the_retry_budget_is_per_phase_and_resets_on_progress(parts: tuple[Dispatcher, Runner, list[Any]]) -> None:
+    dispatcher, runner, _ = parts
+    # Given a step allowed one retry, throttled once before and once after it made progress
+    flaky_outcomes[:] = ["throttled", "poll", "throttled", "done"]
+    execution = dispatcher.submit({"steps": [{"type": "test.flaky", "retries": 1}]})
+    for phase in range(4):
+        runner.handle(execution, 0, phase)
+    # Then each throttling used the budget of its own phase, and the step succeeded
+    view = dispatcher.status(execution)
+    assert (view.status, view.steps[0].polls) == (Status.SUCCEEDED, 3), view.steps[0].error
