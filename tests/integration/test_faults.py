@@ -44,3 +44,18 @@ def test_duplicate_phase_messages_are_harmless(stack: Stack) -> None:
     view = stack.dispatcher.wait(execution, timeout=30)
     assert view.status == Status.SUCCEEDED
     assert view.steps[0].completions == 1
+
+
+def test_a_timeout_ends_a_waiting_step_before_its_next_poll(stack: Stack) -> None:
+    """The schedule is due at the step's timeout, so the sweeper ends it there, not at its next poll."""
+    # Given a pause polling every 30 s with a 2 s timeout
+    stack.start_worker({"STEPWORKER_POLL_MAX_SECONDS": "30"})
+    execution = stack.dispatcher.submit({"steps": [{"type": "core.sleep", "params": {"seconds": 600},
+                                                    "timeout": 2}]})
+    # When the timeout passes while the next poll's countdown message waits in the worker
+    view = stack.dispatcher.wait(execution, timeout=60)
+    # Then the sweeper republished the phase at the timeout and its claim ended the step
+    assert (view.status, view.steps[0].status) == (Status.TIMED_OUT, Status.TIMED_OUT)
+    record = stack.dispatcher.store.step_record(execution, 0)
+    assert int(record.get("sweeps", 0)) >= 1
+    assert view.steps[0].polls == 1
