@@ -17,10 +17,12 @@ not restored twice).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, cast
 
 import structlog
+from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
@@ -108,3 +110,17 @@ def register() -> None:
     TRANSPORT_ALIASES.update(
         redis=f"{__name__}:Transport", rediss=f"{__name__}:Transport", sentinel=f"{__name__}:SentinelTransport"
     )
+
+
+# How often a worker that lost the broker tries again: kombu's own schedule (2, 4, 6, ... up to 30 s)
+# can leave a worker idle for half a minute after Redis is back.
+RECONNECT_INTERVALS = {"interval_start": 1.0, "interval_step": 1.0, "interval_max": 2.0}
+
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer, reconnecting to a lost broker every two seconds at most."""
+
+    def ensure_connected(self, conn: Any) -> Any:
+        """Connect as Celery does, with :data:`RECONNECT_INTERVALS` between tries."""
+        conn.ensure_connection = functools.partial(conn.ensure_connection, **RECONNECT_INTERVALS)
+        return super().ensure_connected(conn)
