@@ -32,21 +32,29 @@ class Rates:
     drain: float
     end_to_end: float
     cpu_ms: dict[str, float]
+    scripts: float = float("nan")
 
     @classmethod
     def of(
-        cls, n: int, times: tuple[float, float, float, float], done_at_submit: int, cpu_ms: dict[str, float]
+        cls, n: int, times: tuple[float, float, float, float], done_at_submit: int, cpu_ms: dict[str, float],
+        scripts: float = float("nan"),
     ) -> Rates:
         """Rates from the first submit, the end of submitting, and the first and the last completion."""
         t0, submitted, first, last = times
         drain = (n - done_at_submit) / (last - submitted) if last > submitted else float("nan")
         consume = n / (last - first) if last > first else float("nan")
-        return cls(n, n / (submitted - t0), consume, drain, n / (last - t0), cpu_ms)
+        return cls(n, n / (submitted - t0), consume, drain, n / (last - t0), cpu_ms, scripts)
 
     @property
     def cpu_total(self) -> float:
         """CPU milliseconds per task, all processes together."""
         return sum(self.cpu_ms.values())
+
+
+def script_calls(run: common.Bench) -> int:
+    """Lua script calls Redis has served so far (EVALSHA and EVAL): the engine's transitions."""
+    stats: dict[str, dict[str, int]] = run.client.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval"))
 
 
 def run_baseline(run: common.Bench, n: int, warmup: int, timeout: float, loglevel: str) -> Rates:
@@ -92,16 +100,19 @@ def run_stepworker(run: common.Bench, n: int, warmup: int, timeout: float, logle
     common.wait_terminal(run, warm, timeout=timeout)
     cpu = common.CpuMeter(run, name)
     cpu.start()
+    scripts_before = script_calls(run)
     t0 = time.time()
     ids = [dispatcher.submit_step("core.echo", {"i": i}) for i in range(n)]
     submitted = time.time()
     ended = common.wait_terminal(run, ids, timeout=timeout)
     cpu_ms = cpu.per_task_ms(n)
+    scripts = (script_calls(run) - scripts_before) / n
     run.stop_worker(name)
     if ended.count(Status.SUCCEEDED) != n:
         raise RuntimeError(f"only {ended.count(Status.SUCCEEDED)} of {n} executions succeeded")
     done_at_submit = sum(1 for at in ended.finished_at if at <= submitted)
-    return Rates.of(n, (t0, submitted, ended.finished_at[0], ended.finished_at[-1]), done_at_submit, cpu_ms)
+    return Rates.of(n, (t0, submitted, ended.finished_at[0], ended.finished_at[-1]), done_at_submit, cpu_ms,
+                    scripts)
 
 
 def _report(base: Rates, step: Rates) -> None:
@@ -125,7 +136,8 @@ def _report(base: Rates, step: Rates) -> None:
     print(
         f"ratio stepworker/baseline: end-to-end {step.end_to_end / base.end_to_end:.2f}, "
         f"consume {step.consume / base.consume:.2f}, submit {step.submit / base.submit:.2f}, "
-        f"CPU per task {base.cpu_total / step.cpu_total:.2f} (baseline CPU / stepworker CPU)\n",
+        f"CPU per task {base.cpu_total / step.cpu_total:.2f} (baseline CPU / stepworker CPU); "
+        f"Redis scripts per stepworker execution {step.scripts:.2f} (claim and finish)\n",
         flush=True,
     )
 
