@@ -64,6 +64,24 @@ class Flaky(Step):
         return Poll(after=0) if outcome == "poll" else Done()
 
 
+class Stubborn(Step):
+    """Test step: starts an operation and polls; its first stop is throttled, the next one works."""
+
+    type = "test.stubborn"
+
+    class Params(StepParams):
+        pass
+
+    def run(self, ctx: StepContext, params: Params) -> Outcome:
+        return Poll(state={"op": "op-2"}, after=600)
+
+    def cancel(self, ctx: StepContext, params: Params) -> None:
+        if not stops:
+            stops.append({"throttled": True})
+            raise Transient("Rate exceeded", code="ThrottlingException")
+        stops.append(dict(ctx.state))
+
+
 @pytest.fixture
 def parts(redis_client: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
           ) -> Iterator[tuple[Dispatcher, Runner, list[tuple[Any, ...]]]]:
@@ -156,3 +174,18 @@ def test_the_retry_budget_is_per_phase_and_resets_on_progress(parts: tuple[Dispa
     # Then each throttling used the budget of its own phase, and the step succeeded
     view = dispatcher.status(execution)
     assert (view.status, view.steps[0].polls) == (Status.SUCCEEDED, 3), view.steps[0].error
+
+
+def test_a_throttled_stop_is_tried_again(parts: tuple[Dispatcher, Runner, list[Any]]) -> None:
+    dispatcher, runner, published = parts
+    execution = dispatcher.submit_step("test.stubborn")
+    runner.handle(execution, 0, 0)
+    dispatcher.cancel(execution)
+    # When the cancel's stop call is throttled
+    runner.handle(execution, 0, 1)
+    assert dispatcher.status(execution).status == Status.RUNNING
+    assert published[-1][:4] == ("test.stubborn", execution, 0, 2)
+    # Then the next phase stops the operation and ends the step
+    runner.handle(execution, 0, 2)
+    assert stops == [{"throttled": True}, {"op": "op-2"}]
+    assert dispatcher.status(execution).status == Status.CANCELLED

@@ -205,6 +205,7 @@ class _CommitArgs:
     attempts: int
     countdown: float
     grace: float
+    stopping: int
     logs: str
     log_maxlen: int
 
@@ -409,13 +410,14 @@ class StateMachine:
         return int(stored)
 
     def commit_poll(self, lease: Lease, state: Mapping[str, Any], *, attempts: int, countdown: float,
-                    logs: Sequence[Mapping[str, str]] = ()) -> Literal["ok", "cancel"]:
+                    stopping: bool = False, logs: Sequence[Mapping[str, str]] = ()) -> Literal["ok", "cancel"]:
         """End the phase in a poll: save ``state``, release the lease, schedule the next phase.
 
-        Returns ``cancel`` (state saved, lease kept) when a cancel was requested. Raises LeaseLost.
+        Returns ``cancel`` (state saved, lease kept) when a cancel was requested, unless ``stopping``
+        (a stop that failed transiently, retried by the next phase). Raises LeaseLost.
         """
         args = _CommitArgs(lease.token, lease.member, json.dumps(dict(state)), attempts, countdown,
-                           self.timing.grace_seconds, _logs(logs), self.timing.log_maxlen)
+                           self.timing.grace_seconds, int(stopping), _logs(logs), self.timing.log_maxlen)
         verdict = self._commit_poll(self._lease_keys(lease), args)
         if verdict == "fenced":
             raise LeaseLost(lease)

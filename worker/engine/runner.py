@@ -53,6 +53,7 @@ class Advance:
     state: Mapping[str, Any]
     countdown: float
     attempts: int
+    stopping: bool = False  # a stop (cancel or timeout) failed transiently; the next phase tries again
 
 
 @dataclass(frozen=True)
@@ -132,19 +133,28 @@ class Runner:
         started = time.monotonic()
         with worker_logging.capture(current.held.append):
             result = self._phase(current)
-            if isinstance(result, Advance):
-                verdict = self.machine.commit_poll(current.lease, result.state, attempts=result.attempts,
-                                                   countdown=result.countdown, logs=current.held.take())
-                if verdict == "ok":
-                    quiet.debug("phase.finished", outcome="poll", duration_ms=_ms(started))
-                    self._publish(current, current.lease.phase + 1, result.countdown)
-                    return
+            if isinstance(result, Advance) and not self._commit(current, result, started):
                 if current.ctx is not None:
                     current.ctx.state.update(result.state)
                 result = self._stop(current, Status.CANCELLED, "cancelled on request")
+                if isinstance(result, Advance):
+                    self._commit(current, result, started)
+            if isinstance(result, Advance):
+                return
             log.log(20 if result.status == Status.SUCCEEDED else 40, "step.finished", status=str(result.status),
                     duration_ms=_ms(started), **({"error": result.error["message"]} if result.error else {}))
         self._finish(current, result)
+
+    def _commit(self, current: Phase, result: Advance, started: float) -> bool:
+        """Commit a poll and publish the next phase; False when a cancel request keeps the phase here."""
+        verdict = self.machine.commit_poll(current.lease, result.state, attempts=result.attempts,
+                                           countdown=result.countdown, stopping=result.stopping,
+                                           logs=current.held.take())
+        if verdict == "cancel":
+            return False
+        quiet.debug("phase.finished", outcome="poll", duration_ms=_ms(started))
+        self._publish(current, current.lease.phase + 1, result.countdown)
+        return True
 
     def _phase(self, current: Phase) -> Advance | End:
         record = current.record
@@ -194,7 +204,7 @@ class Runner:
     def _failure(self, exc: Exception, state: Mapping[str, Any], attempts: int, retries: int) -> Advance | End:
         error = classify(exc)
         if isinstance(error, Transient) and attempts < retries:
-            delay = min(self.settings.poll_max_seconds, 2.0**attempts) * random.uniform(0.5, 1.0)  # noqa: S311
+            delay = self._retry_delay(attempts)
             log.warning("step.retrying", error=error.message, attempt=attempts + 1, of=retries,
                         delay_s=round(delay, 2))
             return Advance(state, delay, attempts + 1)
@@ -202,8 +212,12 @@ class Runner:
             quiet.exception("step.crashed")
         return End(Status.FAILED, error=error.as_dict())
 
-    def _stop(self, current: Phase, status: Status, reason: str) -> End:
-        """End the step ``status`` after stopping what it started (the state its phases saved)."""
+    def _stop(self, current: Phase, status: Status, reason: str) -> End | Advance:
+        """End the step ``status`` after stopping what it started (the state its phases saved).
+
+        A stop that fails transiently (throttled) is tried again by the next phase while the retry
+        budget lasts; one that fails for good is reported, and the step still ends.
+        """
         ctx, step = current.ctx, current.step
         if ctx is not None and step is not None and ctx.state:
             try:
@@ -212,10 +226,18 @@ class Runner:
             except (LeaseLost, *UNAVAILABLE):
                 raise
             except Exception as exc:  # (a failed stop is reported, the step still ends)
-                log.warning("step.stop_failed", error=classify(exc).message)
+                failure = classify(exc)
+                attempts = int(current.record.get("attempts", 0))
+                if isinstance(failure, Transient) and attempts < int(current.record.get("retries", 0)):
+                    log.warning("step.stop_retrying", error=failure.message, attempt=attempts + 1)
+                    return Advance(ctx.state, self._retry_delay(attempts), attempts + 1, stopping=True)
+                log.warning("step.stop_failed", error=failure.message)
         error = {"kind": status.name.title().replace("_", ""), "message": reason, "code": str(status),
                  "resource_id": ""}
         return End(status, error=error, audit=self._audit(current))
+
+    def _retry_delay(self, attempts: int) -> float:
+        return min(self.settings.poll_max_seconds, 2.0**attempts) * random.uniform(0.5, 1.0)  # noqa: S311
 
     def _expired(self, record: Mapping[str, str]) -> bool:
         timeout, started = record.get("timeout"), record.get("started_at")

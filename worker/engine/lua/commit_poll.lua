@@ -1,9 +1,10 @@
 -- commit_poll: the lease holder's phase ends in a poll (or a retry); save its state and release the phase.
 -- A cancel request seen here keeps the lease: the holder stops what it started, then finishes the step.
+-- A.stopping = 1 is the retry of a stop that failed transiently: it is scheduled whatever the flag says.
 if not holds(K.step, A.token) then return 'fenced' end
 append_logs(K.logs, A.logs, A.log_maxlen)
 redis.call('HSET', K.step, 'state', A.state)
-if redis.call('EXISTS', K.cancel) == 1 then return 'cancel' end
+if A.stopping == 0 and redis.call('EXISTS', K.cancel) == 1 then return 'cancel' end
 local due = now + A.countdown + A.grace
 local timeout, started = number(K.step, 'timeout', nil), number(K.step, 'started_at', nil)
 if timeout and started and started + timeout < due then due = started + timeout end
