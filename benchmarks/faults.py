@@ -1,4 +1,4 @@
-"""Faults: the fault suite's scenarios (tests/faultsuite.py) at full size, as a table of figures and targets.
+"""Faults: the fault suite's scenarios (tests/faults/) at full size, as a table of figures and targets.
 
 Run: ``.venv/bin/python -m benchmarks.faults [--scenario NAME] [--size N] [--duration S]``.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
-from tests import faultsuite
+from tests import faults
 
 # Full sizes (the acceptance table) and the scenario's other arguments.
 FULL: Mapping[str, tuple[int, Mapping[str, Any]]] = {
@@ -38,7 +38,7 @@ FULL: Mapping[str, tuple[int, Mapping[str, Any]]] = {
 STORMS = frozenset({"kill-storm", "cancel-in-storm"})
 
 
-def run_one(services: faultsuite.Services, name: str, args: argparse.Namespace) -> list[list[object]]:
+def run_one(services: faults.Services, name: str, args: argparse.Namespace) -> list[list[object]]:
     """Run one scenario and return its report rows."""
     size, extra = FULL[name]
     size = args.size or size
@@ -47,7 +47,7 @@ def run_one(services: faultsuite.Services, name: str, args: argparse.Namespace) 
         kwargs.update({k: v for k, v in (("duration", args.duration), ("seed", args.seed)) if v is not None})
     began = time.monotonic()
     print(f"running {name} (size {size}) ...", flush=True)
-    result = faultsuite.SCENARIOS[name](services, size, **kwargs)
+    result = faults.SCENARIOS[name](services, size, **kwargs)
     print(f"  took {time.monotonic() - began:.0f} s; worker logs in {result.log_dir}", flush=True)
     if not all(check.ok for check in result.checks()):
         print("  notes:\n    " + "\n    ".join(result.notes[:15]), flush=True)
@@ -67,11 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     logs = args.logs or Path(tempfile.mkdtemp(prefix="stepworker-faults-"))
     lease = os.environ.get("STEPWORKER_LEASE_SECONDS")
     passthrough = {"STEPWORKER_LEASE_SECONDS": lease} if lease else {}
-    print(f"lease {faultsuite.LEASE_SECONDS:g} s, recovery bound {faultsuite.RECOVERY_SECONDS:g} s; logs in {logs}")
+    print(f"lease {faults.LEASE_SECONDS:g} s, recovery bound {faults.RECOVERY_SECONDS:g} s; logs in {logs}")
     rows: list[list[object]] = []
     with common.bench(moto=True, **passthrough) as run:
         assert run.moto_url is not None
-        services = faultsuite.Services(run.redis_url, run.moto_url, logs)
+        services = faults.Services(run.redis_url, run.moto_url, logs)
         for name in names:
             rows += run_one(services, name, args)
     print(common.table(["scenario", "size", "figure", "value", "target", "result"], rows), flush=True)
