@@ -106,10 +106,6 @@ class PhaseContext:
             self._write(None)
         return not self.truncated
 
-    def flush_rows(self) -> None:
-        """Write buffered rows (none are buffered between add_rows calls; kept for the runner's end of phase)."""
-        self._write(None)
-
     def _write(self, state: Mapping[str, Any] | None) -> None:
         if not self._pending and state is None:
             return

@@ -176,7 +176,6 @@ class Runner:
             if current.lease.phase == 0 and attempts == 0:
                 log.info("step.started", name=record.get("name"), queue=record.get("queue"))
             outcome = current.step.run(current.ctx, current.params)
-            current.ctx.flush_rows()
         except (LeaseLost, *UNAVAILABLE):
             raise
         except Exception as exc:  # (every failure must end as a recorded status)

@@ -42,7 +42,6 @@ class Sweeper:
         self.stopped = threading.Event()
         self.lock = Lock(client, self.machine.keys.sweeper_lock, timeout=max(5.0, settings.sweep_interval_seconds * 5),
                          blocking=False, thread_local=False)
-        self.republished = 0
 
     def sweep_once(self) -> list[Due]:
         """Republish every due, unclaimed phase (when this process holds the lock); returns them."""
@@ -53,7 +52,6 @@ class Sweeper:
             celery_app.publish(due.type, due.execution_id, due.index, due.phase, queue=due.queue,
                                project=due.project, copy="sweep", via=self.broker)
         if found:
-            self.republished += len(found)
             quiet.info("sweeper.republished", phases=len(found))
         return found
 
