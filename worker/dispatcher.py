@@ -221,15 +221,17 @@ class Dispatcher:
         A step waiting between phases is stopped at once (its state says what to stop in AWS); a phase
         that is running sees the request at its commit and stops what it started before it ends.
         """
-        view = self.status(execution_id)
-        reply = self.machine.request_cancel(execution_id, len(view.steps))
+        step_count, project = self.client.hmget(self.store.keys.execution(execution_id), ["step_count", "project"])
+        if step_count is None:
+            raise ExecutionNotFound(execution_id)
+        reply = self.machine.request_cancel(execution_id, int(step_count))
         if reply.verdict == "missing":
             raise ExecutionNotFound(execution_id)
         if reply.verdict == "idle":
             # The request made the step due now: if this nudge is lost, the sweeper sends one.
             with contextlib.suppress(Exception):
                 celery_app.publish(reply.type, execution_id, reply.index, reply.phase, queue=reply.queue,
-                                   project=view.project, copy="cancel", via=self.app)
+                                   project=str(project), copy="cancel", via=self.app)
         return reply.verdict != "ended"
 
 
