@@ -205,6 +205,7 @@ def bench(*, moto: bool = False, **settings_env: str) -> Iterator[Bench]:
             "STEPWORKER_REDIS_URL": redis_service.url,
             "STEPWORKER_KEY_PREFIX": prefix,
             "STEPWORKER_DEFAULT_QUEUE": f"q-{prefix}",
+            "STEPWORKER_OPEN_DEFAULT_PROJECT": "true",  # a private Redis: the benchmarks' jobs use 'default'
             "PYTHONPATH": str(ROOT),
             **settings_env,
         }

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Self
 from botocore.exceptions import ClientError
 from pydantic import Field, StringConstraints, model_validator
 
+from steps import outputs, permissions
 from steps.base import AwsParams, Done, Outcome, Poll, S3Uri, Step, StepContext
 from steps.errors import RemoteFailed
+from steps.permissions import Grant
 
 if TYPE_CHECKING:
     from types_boto3_athena import AthenaClient
@@ -35,6 +37,12 @@ CONSOLE_URL = (
 BucketName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
 Sql = Annotated[str, StringConstraints(min_length=1, max_length=262_144, pattern=r"\S")]
 Row = list[str | None]
+
+
+def _token(ctx: StepContext) -> str:
+    """The ClientRequestToken of the current attempt: the step's own, then one per resubmit."""
+    attempt = int(ctx.state.get("attempt", 0))
+    return ctx.token if attempt == 0 else f"{ctx.token}-resubmit-{attempt}"
 
 
 def console_url(region: str, query_id: str) -> str:
@@ -63,8 +71,14 @@ def batch_states(client: AthenaClient, query_ids: Iterable[str]) -> dict[str, tu
     return states
 
 
-def _values(row: RowTypeDef) -> Row:
-    return [datum.get("VarCharValue") for datum in row.get("Data", [])]
+def _values(row: RowTypeDef, width: int, utility: bool) -> Row:
+    values = [datum.get("VarCharValue") for datum in row.get("Data", [])]
+    # Utility statements (DESCRIBE, SHOW, EXPLAIN) come back as one tab-joined cell per row, while
+    # ColumnInfo lists every column: split the cell so rows line up with the columns.
+    if utility and width > 1 and len(values) == 1 and values[0] is not None and "\t" in values[0]:
+        cells: Row = [part.strip() for part in values[0].split("\t")]
+        return cells[:width]
+    return values
 
 
 @dataclass
@@ -102,13 +116,29 @@ class QueryAthena(Step):
     """Run an Athena SQL query, poll until it finishes, and page its rows into the result."""
 
     type = "athena.query"
+    Outputs = outputs.AthenaResult
     title = "AWS / Athena / Query"
     iam_actions = (
         "athena:StartQueryExecution",
         "athena:GetQueryExecution",
         "athena:GetQueryResults",
         "athena:StopQueryExecution",
-        "athena:BatchGetQueryExecution",
+        "athena:BatchGetQueryExecution",  # (the worker answers polls in batches: worker/quotas/coalesce.py)
+    )
+    # Athena reads the catalog and writes the results as the caller (GetQueryResults: "must have
+    # permissions to the Amazon S3 GetObject action for the Athena query results location").
+    iam_grants = (
+        Grant(("s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"),
+              ("arn:aws:s3:::{output_bucket}",), why="Athena lists and locates the results bucket"),
+        Grant(("s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"),
+              ("arn:aws:s3:::{output_bucket}/{output_prefix}*",), why="Athena writes and reads the results"),
+        Grant(("glue:GetDatabase", "glue:GetDatabases", "glue:GetTable", "glue:GetTables", "glue:GetPartition",
+               "glue:GetPartitions", "glue:BatchGetPartition"),
+              ("arn:aws:glue:*:*:catalog", "arn:aws:glue:*:*:database/{database}",
+               "arn:aws:glue:*:*:table/{database}/*"), why="Athena reads the Glue Data Catalog"),
+        Grant(("kms:Decrypt", "kms:GenerateDataKey"), (permissions.KMS_KEY,),
+              {"StringLike": {"kms:ViaService": ("s3.*.amazonaws.com",)}},
+              why="results encrypted with SSE-KMS, or tables over SSE-KMS data"),
     )
 
     class Params(AwsParams):
@@ -133,6 +163,9 @@ class QueryAthena(Step):
             None, ge=1, description="Most rows to keep in the result; blank keeps up to the runner's cap"
         )
         preview_rows: int = Field(50, ge=0, le=1000, description="Rows shown in the step log")
+        resubmits: int = Field(
+            2, ge=0, le=5, description="Times to resubmit a query whose failure Athena marks Retryable"
+        )
 
         @model_validator(mode="after")
         def _one_location(self) -> Self:
@@ -140,10 +173,25 @@ class QueryAthena(Step):
                 raise ValueError("give output_location or bucket, not both")
             return self
 
+        @property
+        def location(self) -> str | None:
+            """Where Athena writes the results: output_location, or the bucket's root (None: the workgroup's)."""
+            return self.output_location or (f"s3://{self.bucket}/" if self.bucket else None)
+
+        @property
+        def output_bucket(self) -> str | None:
+            """The results bucket, when the params name it."""
+            return self.location[5:].split("/", 1)[0] if self.location else None
+
+        @property
+        def output_prefix(self) -> str:
+            """The key prefix of the results under the bucket ('' for the root)."""
+            return self.location[5:].partition("/")[2] if self.location else ""
+
         def start_request(self, token: str) -> dict[str, Any]:
             """StartQueryExecution's arguments; Athena starts one query per ``token``."""
             context = {"Catalog": self.catalog} | ({"Database": self.database} if self.database else {})
-            location = self.output_location or (f"s3://{self.bucket}/" if self.bucket else None)
+            location = self.location
             request: dict[str, Any] = {
                 "QueryString": self.query,
                 "QueryExecutionContext": context,
@@ -165,6 +213,8 @@ class QueryAthena(Step):
         if state != ctx.state.get("last_state"):
             text = f"Current status for fetching results is: {state}"
             ctx.log.info("athena.status", query_id=query_id, state=state, message=text)
+        if state in FAILED and self._may_resubmit(ctx, params, status):
+            return self._resubmit(ctx, params, query_id, status)
         if state in FAILED:
             raise self._failure(query_id, state, status)
         if state in SUCCEEDED:
@@ -180,7 +230,8 @@ class QueryAthena(Step):
         """
         query_id = ctx.state.get("query_id")
         if query_id is None and ctx.state.get("starting"):
-            query_id = ctx.client("athena").start_query_execution(**params.start_request(ctx.token))["QueryExecutionId"]
+            request = params.start_request(_token(ctx))
+            query_id = ctx.client("athena").start_query_execution(**request)["QueryExecutionId"]
         if query_id is None:
             return
         try:
@@ -192,9 +243,26 @@ class QueryAthena(Step):
             return
         ctx.log.info("athena.stopped", query_id=query_id)
 
+    @staticmethod
+    def _may_resubmit(ctx: StepContext, params: Params, status: QueryExecutionStatusTypeDef) -> bool:
+        """AthenaError.Retryable: "True if the query might succeed if resubmitted" (within the budget)."""
+        retryable = bool(status.get("AthenaError", {}).get("Retryable"))
+        return retryable and status["State"] == "FAILED" and int(ctx.state.get("attempt", 0)) < params.resubmits
+
+    def _resubmit(
+        self, ctx: StepContext, params: Params, query_id: str, status: QueryExecutionStatusTypeDef
+    ) -> Poll:
+        # A resubmit with the same ClientRequestToken would return the same failed query ("the same
+        # response is returned and another query is not created"): each attempt has a token of its own.
+        attempt = int(ctx.state.get("attempt", 0)) + 1
+        ctx.log.warning("athena.resubmitting", query_id=query_id, attempt=attempt, of=params.resubmits,
+                        reason=state_reason(status))
+        ctx.checkpoint(attempt=attempt, query_id=None, starting=False, last_state=None)
+        return self._start(ctx, params)
+
     def _start(self, ctx: StepContext, params: Params) -> Poll:
         ctx.checkpoint(starting=True)
-        response = ctx.client("athena").start_query_execution(**params.start_request(ctx.token))
+        response = ctx.client("athena").start_query_execution(**params.start_request(_token(ctx)))
         query_id = response["QueryExecutionId"]
         ctx.checkpoint(query_id=query_id)
         url = console_url(ctx.region, query_id)
@@ -215,7 +283,7 @@ class QueryAthena(Step):
         query_id = execution["QueryExecutionId"]
         pages = _ResultPages(ctx, params.max_rows, params.preview_rows, count=int(ctx.state.get("rows_seen", 0)),
                              previewed=bool(ctx.state.get("previewed")), columns=list(ctx.state.get("columns", [])))
-        self._page_rows(ctx, params, query_id, pages)
+        self._page_rows(ctx, params, execution, pages)
         output_location = execution.get("ResultConfiguration", {}).get("OutputLocation", "")
         if not pages.previewed:
             self._log_preview(ctx, params, pages)
@@ -236,8 +304,13 @@ class QueryAthena(Step):
             "console_url": console_url(ctx.region, query_id),
         }
 
-    def _page_rows(self, ctx: StepContext, params: Params, query_id: str, pages: _ResultPages) -> None:
-        """Page every row into ``pages`` (header row skipped), from the saved page token if there is one."""
+    def _page_rows(
+        self, ctx: StepContext, params: Params, execution: QueryExecutionTypeDef, pages: _ResultPages
+    ) -> None:
+        """Page every row into ``pages`` (a DML header row skipped), from the saved page token if any."""
+        query_id = execution["QueryExecutionId"]
+        # Only DML results start with a header row; a utility or DDL statement's first row is data.
+        statement = execution.get("StatementType", "DML")
         paginator = ctx.client("athena").get_paginator("get_query_results")
         config: PaginatorConfigTypeDef = {"PageSize": PAGE_SIZE}
         resumed = ctx.state.get("page_token")
@@ -245,13 +318,14 @@ class QueryAthena(Step):
             config["StartingToken"] = resumed
         for number, page in enumerate(paginator.paginate(QueryExecutionId=query_id, PaginationConfig=config)):
             result_set = page["ResultSet"]
-            rows = [_values(row) for row in result_set.get("Rows", [])]
             if number == 0 and not resumed:
                 columns = [c["Name"] for c in result_set.get("ResultSetMetadata", {}).get("ColumnInfo", [])]
                 ctx.set_columns(columns)
                 pages.columns = columns
-                # SELECT results start with a header row that repeats the column names.
-                rows = rows[1:] if rows and rows[0] == columns else rows
+            width, utility = len(pages.columns), statement == "UTILITY"
+            rows = [_values(row, width, utility) for row in result_set.get("Rows", [])]
+            if number == 0 and not resumed and statement == "DML" and rows and rows[0] == pages.columns:
+                rows = rows[1:]
             more = pages.feed(rows, page.get("NextToken"))
             if not pages.previewed and (len(pages.preview) >= params.preview_rows or not more):
                 self._log_preview(ctx, params, pages)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Self
 
 from pydantic import Field, StringConstraints, model_validator
 
 from steps.base import AwsParams, Done, Outcome, Poll, Step, StepContext
-from steps.errors import Permanent
+from steps.errors import Permanent, RemoteFailed
 
 if TYPE_CHECKING:
     from types_boto3_autoscaling import AutoScalingClient
@@ -21,6 +23,13 @@ Capacity = Annotated[int, Field(ge=0, le=2_147_483_647)]
 SIZES = ("min_size", "max_size", "desired_capacity")
 # Each pair must be in non-decreasing order.
 ORDER = (("min_size", "max_size"), ("min_size", "desired_capacity"), ("desired_capacity", "max_size"))
+# Against the group's current sizes only min <= max must hold: "If you specify a new value for MinSize
+# without specifying a value for DesiredCapacity, and the new MinSize is larger than the current size of
+# the group, this sets the group's DesiredCapacity to the new MinSize value" (and likewise for MaxSize).
+MERGED_ORDER = (("min_size", "max_size"),)
+# DescribeScalingActivities: "If an attempt to launch instances failed, the StatusCode value is Failed or
+# Cancelled and the StatusMessage element in the response indicates the cause of the failure."
+FAILED_ACTIVITY = frozenset({"Failed", "Cancelled"})
 # Instances in these lifecycle states are still joining or leaving the group.
 SETTLING = frozenset({
     "Pending", "Pending:Wait", "Pending:Proceed",
@@ -29,9 +38,9 @@ SETTLING = frozenset({
 })  # fmt: skip
 
 
-def _disorder(sizes: Mapping[str, int]) -> str | None:
+def _disorder(sizes: Mapping[str, int], order: tuple[tuple[str, str], ...] = ORDER) -> str | None:
     """The first violated ``min <= desired <= max`` rule among the sizes given, as a sentence."""
-    for low, high in ORDER:
+    for low, high in order:
         if low in sizes and high in sizes and sizes[low] > sizes[high]:
             return f"{low} ({sizes[low]}) is greater than {high} ({sizes[high]})"
     return None
@@ -49,9 +58,15 @@ def _sizes(group: AutoScalingGroupTypeDef) -> dict[str, int]:
 
 
 def _settled(group: AutoScalingGroupTypeDef) -> bool:
-    lifecycles = [i["LifecycleState"] for i in group.get("Instances", [])]
-    in_service = lifecycles.count("InService") == group["DesiredCapacity"]
-    return in_service and not SETTLING.intersection(lifecycles)
+    """InService capacity reached DesiredCapacity and nothing is joining or leaving.
+
+    Capacity is counted in the group's own units: each instance contributes its WeightedCapacity ("the
+    number of capacity units contributed by the instance"; 1 without weights, vCPUs or MiB with a
+    DesiredCapacityType), and weighted groups may overshoot the desired capacity.
+    """
+    instances = group.get("Instances", [])
+    capacity = sum(int(i.get("WeightedCapacity") or 1) for i in instances if i["LifecycleState"] == "InService")
+    return capacity >= group["DesiredCapacity"] and not SETTLING.intersection(i["LifecycleState"] for i in instances)
 
 
 class UpdateAutoScalingGroup(Step):
@@ -59,7 +74,11 @@ class UpdateAutoScalingGroup(Step):
 
     type = "autoscaling.update_group"
     title = "AWS / Autoscaling / Update / Groups"
-    iam_actions = ("autoscaling:DescribeAutoScalingGroups", "autoscaling:UpdateAutoScalingGroup")
+    iam_actions = (
+        "autoscaling:DescribeAutoScalingGroups",
+        "autoscaling:UpdateAutoScalingGroup",
+        "autoscaling:DescribeScalingActivities",
+    )
 
     class Params(AwsParams):
         group_name: GroupName = Field(
@@ -70,7 +89,10 @@ class UpdateAutoScalingGroup(Step):
         desired_capacity: Capacity | None = Field(
             None, serialization_alias="DesiredCapacity", description="Capacity the group should keep"
         )
-        wait: bool = Field(False, description="Wait until exactly desired_capacity instances are InService")
+        wait: bool = Field(False, description="Wait until the desired capacity is InService")
+        wait_seconds: int = Field(
+            900, ge=30, le=86_400, description="Fail a wait that has not settled after this many seconds"
+        )
 
         @model_validator(mode="after")
         def _sizes_in_order(self) -> Self:
@@ -93,19 +115,41 @@ class UpdateAutoScalingGroup(Step):
         if not ctx.state.get("updated"):
             self._update(ctx, asg, params, before)
             if params.wait:
-                return Poll(state={"before": before, "updated": True})
+                return Poll(state={"before": before, "updated": True, "updated_at": ctx.state["updated_at"]})
         group = _group(asg, params.group_name, ctx.region)
         if params.wait and not _settled(group):
+            self._check_progress(ctx, asg, params)
             ctx.log.info("autoscaling.waiting", group=params.group_name, **_sizes(group))
             return Poll()
         return self._done(ctx, params, before, _sizes(group))
+
+    def _check_progress(self, ctx: StepContext, asg: AutoScalingClient, params: Params) -> None:
+        """Fail on a launch that failed since the update, or once the wait is past ``wait_seconds``."""
+        since = datetime.fromtimestamp(float(ctx.state.get("updated_at", 0)), UTC)
+        page = asg.describe_scaling_activities(AutoScalingGroupName=params.group_name, MaxRecords=20)
+        for activity in page.get("Activities", []):
+            if activity["StartTime"] >= since and activity["StatusCode"] in FAILED_ACTIVITY:
+                raise RemoteFailed(
+                    f"group {params.group_name}: scaling activity {activity['StatusCode']}: "
+                    f"{activity.get('StatusMessage') or activity.get('Description', '')}",
+                    code="ScalingActivityFailed",
+                    resource_id=params.group_name,
+                )
+        if time.time() > float(ctx.state.get("updated_at", 0)) + params.wait_seconds:
+            raise RemoteFailed(
+                f"group {params.group_name} did not settle within {params.wait_seconds} s; check its scaling "
+                "activities and instance health, or raise wait_seconds",
+                code="WaitTimedOut",
+                resource_id=params.group_name,
+            )
 
     def _update(
         self, ctx: StepContext, asg: AutoScalingClient, params: Params, before: dict[str, int]
     ) -> None:
         # Moto accepts min > max; AWS rejects it, and so do we, against the group's current values.
         merged = {**{k: before[k] for k in SIZES}, **params.given()}
-        problem = _disorder(merged)
+        order = ORDER if params.desired_capacity is not None else MERGED_ORDER
+        problem = _disorder(merged, order)
         if problem:
             raise Permanent(
                 f"group {params.group_name}: after this update {problem} (current {_sizes_text(before)}); "
@@ -118,7 +162,7 @@ class UpdateAutoScalingGroup(Step):
             by_alias=True, exclude_none=True, include={"group_name", *SIZES}
         )
         asg.update_auto_scaling_group(**request)
-        ctx.checkpoint(updated=True)
+        ctx.checkpoint(updated=True, updated_at=time.time())
         ctx.log.info("autoscaling.updated", group=params.group_name, **params.given())
 
     def _done(self, ctx: StepContext, params: Params, before: dict[str, int], after: dict[str, int]) -> Done:

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from types_boto3_ssm import SSMClient
     from types_boto3_sts import STSClient
 
+    from steps.permissions import Grant
+
 InstanceId = Annotated[str, StringConstraints(pattern=r"^i-[0-9a-f]{8}([0-9a-f]{9})?$")]
 Region = Annotated[str, StringConstraints(pattern=r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d{1,2}$")]
 RoleArn = Annotated[
@@ -47,6 +49,12 @@ class StepParams(BaseModel):
     """Base of every step's ``Params``: immutable, and unknown fields are an error."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class StepOutputs(BaseModel):
+    """Base of a step's declared ``Outputs``: the shape of ``Done.outputs`` that references are checked against."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class AwsParams(StepParams):
@@ -163,7 +171,11 @@ class Step:
     type: ClassVar[str]
     title: ClassVar[str] = ""
     iam_actions: ClassVar[tuple[str, ...]] = ()
+    #: What AWS checks on the step's behalf, and resource scoping beyond ``permissions.RESOURCES``.
+    iam_grants: ClassVar[tuple[Grant, ...]] = ()
     Params: ClassVar[builtins.type[StepParams]] = StepParams
+    #: The shape of ``Done.outputs`` (what ``${steps.NAME.outputs.PATH}`` may read); None: undeclared.
+    Outputs: ClassVar[builtins.type[BaseModel] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Self
 from botocore.exceptions import ClientError
 from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
-from steps import waiters
+from steps import outputs, permissions, waiters
 from steps.base import AwsParams, Done, InstanceId, Outcome, Poll, Step, StepContext
 from steps.errors import Permanent, RemoteFailed
 
@@ -131,10 +131,15 @@ class _InstanceParams(AwsParams):
 class _ChangeInstances(Step):
     """One state-change request, then one describe per poll until every instance gets there."""
 
+    Outputs = outputs.Changed
     first_poll: ClassVar[float | None] = None
     target: ClassVar[tuple[str, ...]]
     # States that show the request was already made (by a delivery that died before its checkpoint).
     in_motion: ClassVar[frozenset[str]] = frozenset()
+    # States the request fails on with IncorrectInstanceState while they last: wait them out first.
+    passing: ClassVar[frozenset[str]] = frozenset()
+    # States that, seen after the first poll, mean the change failed (EC2 fell back; see its StateReason).
+    fell_back: ClassVar[frozenset[str]] = frozenset()
 
     def request(self, ctx: StepContext, ec2: EC2Client, params: Any) -> list[dict[str, str]]:
         """Make the state-change call; return one {instance_id, previous, current} per instance."""
@@ -150,11 +155,15 @@ class _ChangeInstances(Step):
         changes: list[dict[str, str]] | None = ctx.state.get("changes") if ctx.state.get("started") else None
         if changes is None and ctx.state.get("requesting"):
             changes = self._already_requested(ec2, params)
+        if changes is None and self._in_transition(ctx, ec2, params):
+            return Poll(after=5.0)
         if changes is None:
             began = time.monotonic()
             # These APIs take no client token: mark the request first, so a redelivery checks before acting.
             ctx.checkpoint(requesting=True)
-            changes = self.request(ctx, ec2, params)
+            changes = self._request(ctx, ec2, params)
+            if changes is None:
+                return Poll(after=5.0)
             ctx.checkpoint(started=True, changes=changes)
             elapsed = round(time.monotonic() - began, 3)
             ctx.log.info("ec2.requested", step=self.type, instances=len(changes), seconds=elapsed)
@@ -163,6 +172,27 @@ class _ChangeInstances(Step):
         if not params.wait:
             return self._done(ctx, changes, {})
         return self._check(ctx, ec2, params, changes)
+
+    def _request(self, ctx: StepContext, ec2: EC2Client, params: Any) -> list[dict[str, str]] | None:
+        """The request; None when an instance moved into a transition between the describe and the call."""
+        try:
+            return self.request(ctx, ec2, params)
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code")
+            if code != "IncorrectInstanceState" or not self._in_transition(ctx, ec2, params):
+                raise
+        ctx.checkpoint(requesting=False)
+        return None
+
+    def _in_transition(self, ctx: StepContext, ec2: EC2Client, params: _InstanceParams) -> bool:
+        """Whether an instance is still in a state the request would be refused in (checked before it)."""
+        if not self.passing:
+            return False
+        states = _states(ec2.describe_instances(InstanceIds=list(params.instance_ids)))
+        moving = {key: value for key, value in states.items() if value in self.passing}
+        if moving:
+            ctx.log.info("ec2.waiting_for_transition", step=self.type, states=moving)
+        return bool(moving)
 
     def _already_requested(self, ec2: EC2Client, params: _InstanceParams) -> list[dict[str, str]] | None:
         """The changes an earlier delivery's request made, if every instance shows it; else None."""
@@ -177,8 +207,10 @@ class _ChangeInstances(Step):
         self, ctx: StepContext, ec2: EC2Client, params: _InstanceParams, changes: list[dict[str, str]]
     ) -> Outcome:
         stages = self.stages(params)
-        stage = int(ctx.state.get("stage", 0))
+        stage, polls = int(ctx.state.get("stage", 0)), int(ctx.state.get("polls", 0))
         verdict, current = CHECKS[stages[stage]](ec2, list(params.instance_ids))
+        if verdict == "retry" and polls >= 1 and self.fell_back.intersection(current.values()):
+            raise self._fell_back(ec2, params, stages[stage])
         if verdict == "failure":
             raise RemoteFailed(
                 f"{self.type}: waiting for {stages[stage]}, but {_listing(current)}; see each instance's "
@@ -188,10 +220,19 @@ class _ChangeInstances(Step):
             )
         if verdict == "retry":
             ctx.log.info("ec2.waiting", target=stages[stage], states=current)
-            return Poll(state={"stage": stage})
+            return Poll(state={"stage": stage, "polls": polls + 1})
         if stage + 1 < len(stages):
-            return Poll(state={"stage": stage + 1})
+            return Poll(state={"stage": stage + 1, "polls": 0})
         return self._done(ctx, changes, current)
+
+    def _fell_back(self, ec2: EC2Client, params: _InstanceParams, target: str) -> RemoteFailed:
+        instances = instances_of(ec2.describe_instances(InstanceIds=list(params.instance_ids)))
+        reasons = "; ".join(
+            f"{i['InstanceId']} is {i['State']['Name']}: {i.get('StateReason', {}).get('Message', 'no reason given')}"
+            for i in instances if i["State"]["Name"] in self.fell_back
+        )
+        return RemoteFailed(f"{self.type}: waiting for {target}, but EC2 gave up ({reasons})",
+                            code="UnexpectedInstanceState", resource_id=",".join(params.instance_ids))
 
     def _done(self, ctx: StepContext, changes: list[dict[str, str]], current: Mapping[str, str]) -> Done:
         rows = [{**c, "current": current.get(c["instance_id"], c["current"])} for c in changes]
@@ -207,8 +248,13 @@ class StartInstances(_ChangeInstances):
     type = "ec2.start"
     title = "AWS / VM / Start"
     iam_actions = ("ec2:StartInstances", "ec2:DescribeInstances", "ec2:DescribeInstanceStatus")
+    iam_grants = (permissions.kms_for_ebs("starting instances whose EBS volumes use a customer managed key"),)
     target = ("running",)
     in_motion = frozenset({"pending", "running"})
+    # StartInstances refuses a stopping instance; a start that fails (capacity, a broken EBS volume) goes
+    # back to stopped, which botocore's InstanceRunning waiter never counts as a failure.
+    passing = frozenset({"stopping"})
+    fell_back = frozenset({"stopped"})
 
     class Params(_InstanceParams):
         wait_for_status_ok: bool = Field(
@@ -238,6 +284,7 @@ class StopInstances(_ChangeInstances):
     iam_actions = ("ec2:StopInstances", "ec2:DescribeInstances")
     target = ("stopped",)
     in_motion = frozenset({"stopping", "stopped"})
+    passing = frozenset({"pending"})  # StopInstances refuses a pending instance (IncorrectInstanceState)
 
     class Params(_InstanceParams):
         force: bool = Field(False, description="Force the stop (no clean OS shutdown; last resort)")
@@ -284,14 +331,16 @@ class TerminateInstances(_ChangeInstances):
 
     type = "ec2.terminate"
     title = "AWS / VM / Delete"
-    iam_actions = ("ec2:TerminateInstances", "ec2:DescribeInstances")
+    iam_actions = ("ec2:TerminateInstances", "ec2:DescribeInstances", "ec2:DescribeInstanceAttribute")
     target = ("terminated",)
     in_motion = frozenset({"shutting-down", "terminated"})
 
     class Params(_InstanceParams):
         max_instances: int = Field(5, ge=1, le=100, description="Refuse more instances than this...")
         allow_many: bool = Field(False, description="...unless this confirms that many are meant")
-        dry_run: bool = Field(False, description="Only ask EC2 whether the termination would be allowed")
+        dry_run: bool = Field(
+            False, description="Only check: IAM permission (DryRun) and each instance's termination protection"
+        )
 
         @model_validator(mode="after")
         def _guard(self) -> Self:
@@ -307,8 +356,22 @@ class TerminateInstances(_ChangeInstances):
         return self._dry_run(ctx, params) if params.dry_run else super().run(ctx, params)
 
     def request(self, ctx: StepContext, ec2: EC2Client, params: Params) -> list[dict[str, str]]:
-        """TerminateInstances (terminating a terminated instance is a no-op)."""
-        return _changes(ec2.terminate_instances(InstanceIds=params.instance_ids)["TerminatingInstances"])
+        """TerminateInstances (terminating a terminated instance is a no-op).
+
+        With termination protection on some of them, EC2 may terminate the others and still fail the
+        request: the error then says where each instance is.
+        """
+        try:
+            return _changes(ec2.terminate_instances(InstanceIds=params.instance_ids)["TerminatingInstances"])
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            states = _states(ec2.describe_instances(InstanceIds=list(params.instance_ids)))
+            raise RemoteFailed(
+                f"ec2.terminate failed ({code}: {err.response.get('Error', {}).get('Message', '')}); now "
+                f"{_listing(states)}; turn off termination protection (disableApiTermination) where it is set",
+                code=code,
+                resource_id=",".join(params.instance_ids),
+            ) from err
 
     def _dry_run(self, ctx: StepContext, params: Params) -> Done:
         ids = list(params.instance_ids)
@@ -325,6 +388,14 @@ class TerminateInstances(_ChangeInstances):
                 ) from err
             if code != "DryRunOperation":
                 raise
-            ctx.log.info("ec2.dry_run", step=self.type, instances=len(ids), would_succeed=True)
-            return Done({"dry_run": True, "would_succeed": True, "instance_ids": ids})
+            # DryRun proves only the IAM permission; termination protection is a separate attribute.
+            protected = [i for i in ids if _protected(ctx.client("ec2"), i)]
+            ctx.log.info("ec2.dry_run", step=self.type, instances=len(ids), protected=protected)
+            return Done({"dry_run": True, "permission_ok": True, "protected": protected,
+                         "would_succeed": not protected, "instance_ids": ids})
         raise Permanent("EC2 answered a DryRun terminate without DryRunOperation; check the instances' state")
+
+
+def _protected(ec2: EC2Client, instance_id: str) -> bool:
+    attribute = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="disableApiTermination")
+    return bool(attribute.get("DisableApiTermination", {}).get("Value"))

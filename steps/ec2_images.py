@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Annotated, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from botocore.exceptions import ClientError
 from pydantic import Field, StringConstraints, model_validator
 
-from steps import waiters
+from steps import outputs, permissions, waiters
 from steps.base import AwsParams, Done, InstanceId, Outcome, Poll, Step, StepContext
-from steps.ec2 import NameTag, Tags, by_token, ec2_id, instances_of, tag_specs
-from steps.errors import Permanent, RemoteFailed, Transient
+from steps.ec2 import CHECKS, NameTag, Tags, by_token, ec2_id, instances_of, tag_specs
+from steps.errors import Permanent, RemoteFailed
 
 if TYPE_CHECKING:
     from types_boto3_ec2 import EC2Client
@@ -39,6 +39,23 @@ InstanceProfile = Annotated[
 # Instances a redelivered launch may have started; terminated ones are gone and are not counted.
 LIVE_STATES = ("pending", "running", "stopping", "stopped")
 LAUNCH_FIELDS = {"instance_type", "subnet_id", "security_group_ids", "key_name"}
+# EC2 is eventually consistent: an id a create call just returned may be NotFound for a while. A step that
+# created the resource takes that as one more poll, this many times at most.
+NOT_YET_VISIBLE = 30
+
+
+def _not_found(err: ClientError, *codes: str) -> bool:
+    return err.response.get("Error", {}).get("Code") in codes
+
+
+def not_yet_visible(ctx: StepContext, what: str, ids: list[str]) -> Poll:
+    """One more poll for resources this step created that EC2 does not show yet (bounded)."""
+    misses = int(ctx.state.get("not_visible", 0)) + 1
+    if misses > NOT_YET_VISIBLE:
+        raise RemoteFailed(f"{what} {', '.join(ids)} never became visible in EC2", code="NotFound",
+                           resource_id=",".join(ids))
+    ctx.log.info("ec2.not_visible_yet", what=what, ids=ids, polls=misses)
+    return Poll(state={"not_visible": misses}, after=5.0)
 
 
 # --- snapshots --------------------------------------------------------------------------------------------
@@ -63,7 +80,11 @@ class CaptureSnapshot(Step):
 
     type = "ec2.capture_snapshot"
     title = "AWS / VM / CaptureSnapshot"
-    iam_actions = ("ec2:CreateSnapshot", "ec2:CreateTags", "ec2:DescribeSnapshots", "ec2:DescribeInstances")
+    iam_actions = ("ec2:CreateSnapshot", "ec2:CreateSnapshots", "ec2:DescribeSnapshots", "ec2:DescribeInstances")
+    iam_grants = (
+        permissions.tag_on_create("CreateSnapshot", "CreateSnapshots", resources=(permissions.SNAPSHOT,)),
+        permissions.kms_for_ebs("snapshots of volumes encrypted with a customer managed key"),
+    )
 
     class Params(AwsParams):
         volume_id: VolumeId | None = Field(
@@ -93,7 +114,12 @@ class CaptureSnapshot(Step):
         return self._check(ctx, ec2, snapshots)
 
     def _check(self, ctx: StepContext, ec2: EC2Client, snapshots: dict[str, str]) -> Outcome:
-        response = ec2.describe_snapshots(SnapshotIds=list(snapshots.values()))
+        try:
+            response = ec2.describe_snapshots(SnapshotIds=list(snapshots.values()))
+        except ClientError as err:
+            if not _not_found(err, "InvalidSnapshot.NotFound"):
+                raise
+            return not_yet_visible(ctx, "new snapshots", list(snapshots.values()))
         states = {s["SnapshotId"]: s["State"] for s in response["Snapshots"]}
         verdict = waiters.check(ec2, "snapshot_completed", response)
         if verdict == "failure":
@@ -117,6 +143,16 @@ class CaptureSnapshot(Step):
             # A delivery that crashed between CreateSnapshot and its checkpoint left a tagged snapshot.
             tagged = ec2.describe_snapshots(OwnerIds=["self"], Filters=by_token(ctx.token))["Snapshots"]
             snapshots.update({s["VolumeId"]: s["SnapshotId"] for s in tagged if s["VolumeId"] in volumes})
+        if params.instance_id and any(v not in snapshots for v in volumes):
+            # CreateSnapshots takes every volume at one point in time (crash-consistent), unlike one
+            # CreateSnapshot per volume.
+            created = ec2.create_snapshots(
+                InstanceSpecification={"InstanceId": params.instance_id, "ExcludeBootVolume": False},
+                Description=params.name or f"stepworker execution {ctx.execution_id} step {ctx.step_index}",
+                TagSpecifications=tag_specs(("snapshot",), params.name, params.tags, ctx.token),
+            )["Snapshots"]
+            snapshots.update({s["VolumeId"]: s["SnapshotId"] for s in created})
+            ctx.checkpoint(snapshots=dict(snapshots))
         for volume in volumes:
             if volume not in snapshots:
                 snapshots[volume] = ec2.create_snapshot(
@@ -152,14 +188,21 @@ class CreateInstancesFromSnapshot(Step):
     """Register an AMI from an EBS snapshot (or use an AMI) and launch instances from it."""
 
     type = "ec2.create_from_snapshot"
+    Outputs = outputs.Launched
     title = "AWS / Create / Resource"
     iam_actions = (
         "ec2:RegisterImage",
         "ec2:DescribeImages",
         "ec2:RunInstances",
         "ec2:DescribeInstances",
-        "ec2:CreateTags",
-        "iam:PassRole",
+        "ec2:DescribeInstanceStatus",
+    )
+    iam_grants = (
+        permissions.tag_on_create(
+            "RegisterImage", "RunInstances", resources=(permissions.IMAGE, permissions.INSTANCE, permissions.VOLUME)
+        ),
+        permissions.pass_role("ec2.amazonaws.com"),  # the instance profile's role
+        permissions.kms_for_ebs("AMIs from encrypted snapshots, and their encrypted root volumes"),
     )
 
     class Params(AwsParams):
@@ -168,7 +211,19 @@ class CreateInstancesFromSnapshot(Step):
         )
         image_id: ImageId | None = Field(None, description="An existing AMI to launch instead of a snapshot")
         root_device_name: DeviceName = Field("/dev/xvda", description="Root device of the registered AMI")
-        architecture: Literal["x86_64", "arm64", "i386"] = Field("x86_64", description="AMI architecture")
+        architecture: Literal["x86_64", "arm64", "i386"] | None = Field(
+            None, description="Architecture of the snapshot's OS (required with snapshot_id: AWS cannot tell)"
+        )
+        boot_mode: Literal["legacy-bios", "uefi", "uefi-preferred"] | None = Field(
+            None, description="Boot mode of the registered AMI; blank lets the instance type decide"
+        )
+        ena_support: bool = Field(True, description="Register the AMI with ENA networking (Nitro types need it)")
+        platform_details: str | None = Field(
+            None, max_length=64, description="Launch only if the AMI's PlatformDetails is this, e.g. Linux/UNIX"
+        )
+        wait_for_status_ok: bool = Field(
+            False, description="After running, also wait until instance and system status checks are ok"
+        )
         instance_type: InstanceType = Field(serialization_alias="InstanceType", description="e.g. t3.micro")
         count: int = Field(1, ge=1, le=50, description="How many instances to launch")
         subnet_id: SubnetId | None = Field(
@@ -191,24 +246,62 @@ class CreateInstancesFromSnapshot(Step):
         def _one_source(self) -> Self:
             if (self.snapshot_id is None) == (self.image_id is None):
                 raise ValueError("give exactly one of snapshot_id or image_id")
+            if self.snapshot_id is not None and self.architecture is None:
+                raise ValueError("give architecture (x86_64, arm64 or i386) with snapshot_id: AWS cannot tell it")
             return self
 
     def run(self, ctx: StepContext, params: Params) -> Outcome:
-        """Find or register the AMI, find or launch the instances, then poll until they run."""
+        """Find or register the AMI, wait until it is available, launch the instances, poll until they run."""
         ec2 = ctx.client("ec2")
         instances: list[dict[str, str]] | None = ctx.state.get("instances")
         image_id = str(params.image_id or ctx.state.get("image_id") or "")
         if instances is None:
             image_id = image_id or self._register(ctx, ec2, params)
+            waiting = None if ctx.state.get("image_ready") else self._image_waits(ctx, ec2, params, image_id)
+            if waiting is not None:
+                return waiting
             instances = self._launch(ctx, ec2, params, image_id)
             if params.wait:
                 return Poll(state={"image_id": image_id, "instances": instances})
         if not params.wait:
             return self._done(ctx, image_id, instances)
-        return self._check(ctx, ec2, image_id, [i["instance_id"] for i in instances])
+        return self._check(ctx, ec2, params, image_id)
 
-    def _check(self, ctx: StepContext, ec2: EC2Client, image_id: str, ids: list[str]) -> Outcome:
-        response = self._describe(ec2, ids)
+    def _image_waits(self, ctx: StepContext, ec2: EC2Client, params: Params, image_id: str) -> Poll | None:
+        """A Poll while the AMI is not yet available (RunInstances on a pending AMI fails); None once it is."""
+        try:
+            images = ec2.describe_images(ImageIds=[image_id])["Images"]
+        except ClientError as err:
+            if not _not_found(err, "InvalidAMIID.NotFound", "InvalidAMIID.Unavailable") or params.image_id:
+                raise
+            return not_yet_visible(ctx, "new AMI", [image_id])
+        if not images:
+            return not_yet_visible(ctx, "new AMI", [image_id])
+        image = images[0]
+        if image["State"] == "pending":
+            ctx.log.info("ec2.image_pending", image_id=image_id)
+            return Poll(state={"image_id": image_id}, after=10.0)
+        if image["State"] != "available":
+            reason = image.get("StateReason", {}).get("Message", "no reason given")
+            raise RemoteFailed(f"AMI {image_id} is {image['State']}: {reason}", code="ImageNotAvailable",
+                               resource_id=image_id)
+        found = image.get("PlatformDetails", "")
+        if params.platform_details and found != params.platform_details:
+            raise Permanent(f"AMI {image_id} has PlatformDetails {found!r}, not {params.platform_details!r}; "
+                            "check the snapshot's OS and billing codes", code="PlatformMismatch", resource_id=image_id)
+        ctx.checkpoint(image_id=image_id, image_ready=True)
+        return None
+
+    def _check(self, ctx: StepContext, ec2: EC2Client, params: Params, image_id: str) -> Outcome:
+        ids = [i["instance_id"] for i in ctx.state.get("instances", [])]
+        try:
+            response = ec2.describe_instances(InstanceIds=ids)
+        except ClientError as err:
+            if not _not_found(err, "InvalidInstanceID.NotFound"):
+                raise
+            return not_yet_visible(ctx, "new instances", ids)
+        if ctx.state.get("running"):
+            return self._status_checks(ctx, ec2, image_id, ids, response)
         verdict = waiters.check(ec2, "instance_running", response)
         if verdict == "failure":
             reasons = "; ".join(
@@ -216,6 +309,18 @@ class CreateInstancesFromSnapshot(Step):
                 for i in instances_of(response)
             )
             raise RemoteFailed(f"launched instances did not start ({reasons})", code="LaunchFailed")
+        if verdict == "retry":
+            return Poll()
+        if params.wait_for_status_ok:
+            return Poll(state={"running": True}, after=15.0)
+        return self._done(ctx, image_id, [_launched(i) for i in instances_of(response)])
+
+    def _status_checks(self, ctx: StepContext, ec2: EC2Client, image_id: str, ids: list[str],
+                       response: DescribeInstancesResultTypeDef) -> Outcome:
+        verdict, states = CHECKS["status_ok"](ec2, ids)
+        if verdict == "failure":
+            raise RemoteFailed(f"launched instances stopped before passing status checks ({states})",
+                               code="LaunchFailed")
         if verdict == "retry":
             return Poll()
         return self._done(ctx, image_id, [_launched(i) for i in instances_of(response)])
@@ -233,13 +338,15 @@ class CreateInstancesFromSnapshot(Step):
             image_id = found[0]["ImageId"]
         else:
             root: EbsBlockDeviceTypeDef = {"SnapshotId": str(params.snapshot_id), "DeleteOnTermination": True}
+            boot: dict[str, Any] = {"BootMode": params.boot_mode} if params.boot_mode else {}
             image_id = ec2.register_image(
                 Name=name,
                 Description=f"stepworker: from {params.snapshot_id}",
-                Architecture=params.architecture,
+                Architecture=params.architecture or "x86_64",
                 RootDeviceName=params.root_device_name,
                 VirtualizationType="hvm",
-                EnaSupport=True,
+                EnaSupport=params.ena_support,
+                **boot,
                 BlockDeviceMappings=[{"DeviceName": params.root_device_name, "Ebs": root}],
                 TagSpecifications=tag_specs(("image",), params.name, params.tags, ctx.token),
             )["ImageId"]
@@ -274,18 +381,6 @@ class CreateInstancesFromSnapshot(Step):
         ctx.checkpoint(image_id=image_id, instances=instances)
         ctx.log.info("ec2.launched", image_id=image_id, instances=len(instances), reused=reused)
         return instances
-
-    @staticmethod
-    def _describe(ec2: EC2Client, ids: list[str]) -> DescribeInstancesResultTypeDef:
-        try:
-            return ec2.describe_instances(InstanceIds=ids)
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
-                raise
-            raise Transient(
-                f"new instances {', '.join(ids)} are not visible yet (EC2 is eventually consistent)",
-                code="InvalidInstanceID.NotFound",
-            ) from err
 
     def _done(self, ctx: StepContext, image_id: str, instances: list[dict[str, str]]) -> Done:
         ctx.log_table(

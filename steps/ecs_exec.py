@@ -7,13 +7,15 @@ import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from botocore.exceptions import ClientError
 from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
+from steps import ecs_exec_nodes, ssm_rate
 from steps.base import AwsParams, Done, Outcome, Poll, Step, StepContext
 from steps.errors import Permanent, RemoteFailed
+from steps.nodes.filters import parse_filter
 from steps.session_manager import DataChannel, PayloadType, SessionEnd, SessionError, SessionTimeout
 
 if TYPE_CHECKING:
@@ -112,14 +114,21 @@ class Capture:
                 self._line(stream, line)
         self._flush()
 
-    def _line(self, stream: str, line: str) -> None:
+    def _counted(self, line: str) -> str | None:
+        """The line without the exit-code marker (recording the code), counted; None when nothing is left."""
         match = self._marker.search(line)
         if match:
             self.exit_code = int(match.group(1))
             line = line[: match.start()]
             if not line:
-                return
+                return None
         self.lines += 1
+        return line
+
+    def _line(self, stream: str, raw: str) -> None:
+        line = self._counted(raw)
+        if line is None:
+            return
         self._ctx.log.info("command.output", line=line, stream=stream)
         self._rows.append([stream, line])
         if len(self._rows) >= ROW_BATCH:
@@ -129,6 +138,25 @@ class Capture:
         if self._rows and not self.rows_capped:
             self.rows_capped = not self._ctx.add_rows(self._rows)
         self._rows = []
+
+
+class TailCapture(Capture):
+    """A Capture for one node of a fan-out: keeps its lines for the node's row instead of writing rows."""
+
+    def __init__(self, ctx: StepContext, marker: str, node: str) -> None:
+        super().__init__(ctx, marker)
+        self.node = node
+        self.kept: list[str] = []
+
+    def _line(self, stream: str, raw: str) -> None:
+        line = self._counted(raw)
+        if line is None:
+            return
+        self._ctx.log.info("command.output", node=self.node, line=line, stream=stream)
+        self.kept = [*self.kept[-200:], line]
+
+    def _flush(self) -> None:
+        return
 
 
 @dataclass(frozen=True)
@@ -162,6 +190,9 @@ class RunCommand(Step):
     This step holds its worker slot while the session is open: a WebSocket session cannot be split
     across re-enqueued phases. ``timeout_seconds`` bounds it (at most 900 s); past it the session is
     terminated, and a cancel terminates it within a few seconds (the lease renewal brings the request).
+    With ``node_filter`` instead of cluster/task/container, it runs on every matching container node of
+    the ECS source (``steps.ecs_exec_nodes``), ``max_concurrency`` sessions at a time, with one row per
+    node. Route it to a sessions queue (``queue: stepworker-sessions`` in the step spec; see deploy/README.md).
     The target task needs enableExecuteCommand and a task role with
     ssmmessages:CreateControlChannel, CreateDataChannel, OpenControlChannel and OpenDataChannel.
 
@@ -172,14 +203,25 @@ class RunCommand(Step):
 
     type = "ecs.run_command"
     title = "AWS / ECS / Run Command"
-    iam_actions = ("ecs:ExecuteCommand", "ssm:TerminateSession")
+    iam_actions = ("ecs:ExecuteCommand", "ssm:TerminateSession", "ecs:ListClusters", "ecs:ListServices",
+                   "ecs:ListTasks", "ecs:DescribeTasks")
 
     class Params(AwsParams):
         """Where to run the command, the command, and how long the session may stay open."""
 
-        cluster: ClusterRef = Field(description="Cluster name or ARN of the task")
-        task_id: TaskRef = Field(description="Task id or ARN of the running task the container is part of")
-        container: ContainerName = Field(description="Name of the container to run the command in")
+        cluster: ClusterRef | None = Field(None, description="Cluster name or ARN of the task")
+        task_id: TaskRef | None = Field(
+            None, description="Task id or ARN of the running task the container is part of")
+        container: ContainerName | None = Field(None, description="Name of the container to run the command in")
+        node_filter: str | None = Field(
+            None, description="Instead of cluster/task/container: every ECS container node this filter selects")
+        clusters: list[ClusterRef] = Field(
+            default_factory=list, max_length=100, description="Clusters the node filter looks in (none: all)")
+        max_concurrency: Annotated[str, StringConstraints(pattern=ssm_rate.CONCURRENCY_PATTERN)] = Field(
+            "10", description="Sessions at once across the nodes: a number or a percentage")
+        max_errors: Annotated[str, StringConstraints(pattern=ssm_rate.ERRORS_PATTERN)] = Field(
+            "0", description="Failed nodes tolerated before the rest are not started (SSM's rule)")
+        on_node_failure: Literal["fail", "continue"] = Field("fail", description="Step outcome if a node fails")
         command: Command = Field(
             description="Command to run; it runs under sh in the container (which must have /bin/sh)"
         )
@@ -189,6 +231,13 @@ class RunCommand(Step):
 
         @model_validator(mode="after")
         def _one_region_and_cluster(self) -> RunCommand.Params:
+            if self.node_filter is not None:
+                parse_filter(self.node_filter)  # FilterError (a ValueError): position and expected token
+                if self.cluster or self.task_id or self.container:
+                    raise ValueError("give node_filter or cluster/task_id/container, not both")
+                return self
+            if not (self.cluster and self.task_id and self.container):
+                raise ValueError("give cluster, task_id and container (or a node_filter)")
             cluster, task = CLUSTER_RE.match(self.cluster), TASK_RE.match(self.task_id)
             assert cluster  # the field patterns already matched
             assert task
@@ -201,9 +250,14 @@ class RunCommand(Step):
 
     def run(self, ctx: StepContext, params: Params) -> Outcome:
         """Run the command in one ECS Exec session and finish on its exit status."""
-        _refuse_redelivery(ctx)
         marker = f"__STEPWORKER_EXIT_{ctx.token.replace('-', '')[:12]}__"
-        session = _execute(ctx, params, wrap(params.command, marker))
+        if params.node_filter is not None:
+            return ecs_exec_nodes.run_on_nodes(ctx, params, lambda c, t, n: _run_one(ctx, params, marker, (c, t, n)))
+        _refuse_redelivery(ctx)
+        assert params.cluster  # (the validator checked all three)
+        assert params.task_id
+        assert params.container
+        session = _execute(ctx, (params.cluster, params.task_id, params.container), wrap(params.command, marker))
         ctx.checkpoint(session_id=session.session_id)
         ctx.log.info(
             "session.started", session_id=session.session_id, task=params.task_id, container=params.container
@@ -242,12 +296,25 @@ def _refuse_redelivery(ctx: StepContext) -> None:
         )
 
 
-def _execute(ctx: StepContext, params: RunCommand.Params, command: str) -> ExecSession:
+def _run_one(ctx: StepContext, params: RunCommand.Params, marker: str,
+             target: tuple[str, str, str]) -> tuple[int | None, list[str]]:
+    """One node's session (in a fan-out thread): its exit status and its last output lines."""
+    session = _execute(ctx, target, wrap(params.command, marker))
+    ctx.log.info("session.started", session_id=session.session_id, task=target[1], container=target[2])
+    capture = TailCapture(ctx, marker, f"{target[2]}@{target[1].rsplit('/', 1)[-1]}")
+    end = _converse(ctx, session, capture, params.timeout_seconds)
+    if end.closed_by == "stopped":
+        _terminate_quietly(ctx, session.session_id)
+    return capture.exit_code, capture.kept
+
+
+def _execute(ctx: StepContext, target: tuple[str, str, str], command: str) -> ExecSession:
+    cluster, task, container = target
     try:
         response = ctx.client("ecs").execute_command(
-            cluster=params.cluster,
-            task=params.task_id,
-            container=params.container,
+            cluster=cluster,
+            task=task,
+            container=container,
             command=command,
             interactive=True,
         )
@@ -255,7 +322,7 @@ def _execute(ctx: StepContext, params: RunCommand.Params, command: str) -> ExecS
         code = err.response.get("Error", {}).get("Code", "")
         if code not in EXEC_HINTS:
             raise
-        raise Permanent(f"{EXEC_HINTS[code]} ({err})", code=code, resource_id=params.task_id) from err
+        raise Permanent(f"{EXEC_HINTS[code]} ({err})", code=code, resource_id=task) from err
     return ExecSession.from_response(response)
 
 

@@ -33,6 +33,13 @@ class Transient(StepError):
     """Safe to retry: throttling, 5xx, eventual consistency."""
 
 
+class Throttled(Transient):
+    """AWS asked to slow down, or a quota of concurrent work is full: wait and try again.
+
+    A wait for capacity is not a failed attempt, so it spends none of the step's retry budget.
+    """
+
+
 class Permanent(StepError):
     """Retrying cannot help: access denied, bad params, missing resource."""
 

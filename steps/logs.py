@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 from botocore.exceptions import ClientError
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, model_validator
 
+from steps import outputs
 from steps.base import AwsParams, Done, Outcome, Poll, Step, StepContext
 from steps.errors import Permanent, RemoteFailed
 
@@ -39,6 +41,12 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ROWS_PER_PAGE = 1000  # rows per ctx.add_rows call
 PREVIEW_ROWS = 50  # rows shown in the step log, as the reference product shows for Athena
 INSIGHTS_ACTIONS = ("logs:StartQuery", "logs:GetQueryResults", "logs:StopQuery")
+MAX_GROUPS = 50  # StartQuery: "You can include up to 50 log groups."
+# StartQuery needs log groups "The exception is queries using the OpenSearch Service SQL query language,
+# where you specify the log group names inside the querystring"; Logs Insights QL names them with SOURCE.
+GROUPS_IN_QUERY = frozenset({"SQL", "PPL"})
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+ParameterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
 
 LogGroupName = Annotated[str, StringConstraints(pattern=r"^[.\-_/#A-Za-z0-9]{1,512}$")]
 LogStreamName = Annotated[str, StringConstraints(pattern=r"^[^:*]{1,512}$")]
@@ -105,7 +113,7 @@ class TimeRangeParams(AwsParams):
     def start_request(self, query: str, groups: Sequence[str], now: datetime) -> dict[str, Any]:
         """StartQuery's arguments for ``query`` over ``groups``."""
         start, end = self.window(now)
-        request: dict[str, Any] = {"logGroupNames": list(groups), "queryString": query}
+        request: dict[str, Any] = {"queryString": query} | ({"logGroupNames": list(groups)} if groups else {})
         request |= {"startTime": start, "endTime": end}
         return request | ({"limit": self.limit} if self.limit is not None else {})
 
@@ -144,6 +152,8 @@ class _Results:
 class _InsightsQuery(Step):
     """What both Logs Insights steps share: start once, check once a phase, page the rows, stop on cancel."""
 
+    Outputs = outputs.LogsResult
+
     def run(self, ctx: StepContext, params: Any) -> Outcome:
         """Start the query once (its id is checkpointed); each later phase checks it once."""
         query_id = ctx.state.get("query_id")
@@ -169,7 +179,14 @@ class _InsightsQuery(Step):
         query_id = ctx.state.get("query_id")
         if query_id is None:
             return
-        stopped = ctx.client("logs").stop_query(queryId=query_id)["success"]
+        try:
+            stopped = ctx.client("logs").stop_query(queryId=query_id)["success"]
+        except ClientError as err:
+            # A query that finished meanwhile cannot be stopped, and needs no stopping.
+            if _error_code(err) not in {"InvalidParameterException", "ResourceNotFoundException"}:
+                raise
+            ctx.log.info("logs.stop_skipped", query_id=query_id, reason=str(err))
+            return
         ctx.log.info("logs.stopped", query_id=query_id, success=stopped)
 
     def start_request(self, ctx: StepContext, params: Any) -> dict[str, Any]:
@@ -181,7 +198,7 @@ class _InsightsQuery(Step):
         # StartQuery takes no client token: checkpoint the id before anything else can fail.
         query_id = ctx.client("logs").start_query(**request)["queryId"]
         ctx.checkpoint(query_id=query_id)
-        ctx.log.info("logs.query_started", query_id=query_id, log_groups=len(request["logGroupNames"]))
+        ctx.log.info("logs.query_started", query_id=query_id, log_groups=len(request.get("logGroupNames", ())))
         return Poll(state={"query_id": query_id})
 
     @staticmethod
@@ -259,8 +276,12 @@ class RunSavedQuery(_InsightsQuery):
         log_group_names: tuple[LogGroupName, ...] | None = Field(
             None,
             min_length=1,
-            max_length=20,
-            description="Log groups to query instead of the saved ones (1 to 20)",
+            max_length=MAX_GROUPS,
+            description="Log groups to query instead of the saved ones (1 to 50)",
+        )
+        parameters: dict[ParameterName, Annotated[str, StringConstraints(max_length=4096)]] = Field(
+            default_factory=dict, max_length=50,
+            description="Values for the saved query's {{name}} placeholders (its defaults fill the rest)",
         )
 
         @model_validator(mode="after")
@@ -278,16 +299,37 @@ class RunSavedQuery(_InsightsQuery):
         """StartQuery's arguments taken from the saved definition (log groups overridable)."""
         definition = find_definition(ctx.client("logs"), params.full_name)
         groups = params.log_group_names or tuple(definition.get("logGroupNames", ()))
-        if not groups:
+        query = _substituted(definition, params.parameters, params.full_name)
+        in_query = definition.get("queryLanguage") in GROUPS_IN_QUERY or query.lstrip().upper().startswith("SOURCE")
+        if not groups and not in_query:
             raise Permanent(
                 f"saved query {params.full_name!r} names no log groups; give log_group_names",
                 code="NoLogGroups",
                 resource_id=params.full_name,
             )
-        request = params.start_request(definition.get("queryString", ""), groups, datetime.now(UTC))
+        request = params.start_request(query, groups, datetime.now(UTC))
         if "queryLanguage" in definition:
             request["queryLanguage"] = definition["queryLanguage"]
         return request
+
+
+def _substituted(definition: QueryDefinitionTypeDef, values: Mapping[str, str], name: str) -> str:
+    """The saved query string with its ``{{name}}`` placeholders filled from ``values``, then the defaults."""
+    query = definition.get("queryString", "")
+    defaults = {p["name"]: p["defaultValue"] for p in definition.get("parameters", []) if "defaultValue" in p}
+    known = {p["name"] for p in definition.get("parameters", [])} | set(PLACEHOLDER.findall(query))
+    unknown = sorted(set(values) - known)
+    filled = {**defaults, **values}
+    missing = sorted(set(PLACEHOLDER.findall(query)) - filled.keys())
+    if unknown or missing:
+        raise Permanent(
+            f"saved query {name!r}: " + "; ".join(
+                part for part in (f"no placeholder named {', '.join(unknown)}" if unknown else "",
+                                  f"give parameters for {', '.join(missing)}" if missing else "") if part),
+            code="QueryParameters",
+            resource_id=name,
+        )
+    return PLACEHOLDER.sub(lambda match: filled[match.group(1)], query)
 
 
 def find_definition(client: CloudWatchLogsClient, name: str) -> QueryDefinitionTypeDef:

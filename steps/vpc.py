@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 from botocore.exceptions import ClientError
 from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints, model_validator
 
+from steps import permissions
 from steps.base import AwsParams, Done, Outcome, Poll, Region, RoleArn, Step, StepContext, StepParams
 from steps.errors import Permanent, RemoteFailed
+from steps.permissions import Grant
 
 if TYPE_CHECKING:
     from types_boto3_ec2 import EC2Client
@@ -33,6 +35,7 @@ VpcId = Annotated[str, StringConstraints(pattern=r"^vpc-[0-9a-f]{8,17}$")]
 RouteTableId = Annotated[str, StringConstraints(pattern=r"^rtb-[0-9a-f]{8,17}$")]
 AccountId = Annotated[str, StringConstraints(pattern=r"^[0-9]{12}$")]
 LogGroupName = Annotated[str, StringConstraints(pattern=r"^[\.\-_/#A-Za-z0-9]{1,512}$")]
+DELIVERY_CHECKS = 12  # DescribeFlowLogs polls before the step ends with the delivery status still unknown
 S3Arn = Annotated[
     str,
     StringConstraints(pattern=r"^arn:aws[a-z-]*:s3:::[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$", max_length=1024),
@@ -89,10 +92,13 @@ class CreateFlowLogs(Step):
     title = "AWS / Configure / Vpc / Logs / Instance / Groups"
     iam_actions = (
         "ec2:CreateFlowLogs",
-        "ec2:CreateTags",
-        "iam:PassRole",  # on deliver_logs_role_arn
-        "logs:CreateLogDelivery",  # S3 delivery is set up through CloudWatch Logs' delivery API
-        "logs:DeleteLogDelivery",
+        "ec2:DescribeFlowLogs",
+    )
+    iam_grants = (
+        permissions.tag_on_create("CreateFlowLogs", resources=(permissions.FLOW_LOG,)),
+        permissions.pass_role("vpc-flow-logs.amazonaws.com", role=f"{{deliver_logs_role_arn|{permissions.ROLE}}}"),
+        Grant(("logs:CreateLogDelivery", "logs:DeleteLogDelivery"),
+              why="S3 delivery is set up through CloudWatch Logs' delivery API"),
     )
 
     class Params(AwsParams):
@@ -122,6 +128,11 @@ class CreateFlowLogs(Step):
         )
         tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=50, description="Flow log tags")
 
+        @property
+        def s3_bucket(self) -> str | None:
+            """The bucket of s3_destination, when that is the destination."""
+            return self.s3_destination.split(":::", 1)[1].split("/", 1)[0] if self.s3_destination else None
+
         @model_validator(mode="after")
         def _one_destination(self) -> CreateFlowLogs.Params:
             cloudwatch = self.log_group_name is not None or self.deliver_logs_role_arn is not None
@@ -145,26 +156,81 @@ class CreateFlowLogs(Step):
             return self
 
     def run(self, ctx: StepContext, params: Params) -> Outcome:
+        """Create the flow logs once, then poll until EC2 reports whether it can deliver them."""
+        if "flow_log_ids" in ctx.state:
+            return _delivery(ctx, params, list(ctx.state["flow_log_ids"]))
+        return self._create(ctx, params)
+
+    def _create(self, ctx: StepContext, params: Params) -> Outcome:
         """Create the flow logs (ClientToken makes a redelivery return the same ones); fail on any refusal."""
         destination_type: LogDestinationTypeType = "s3" if params.s3_destination else "cloud-watch-logs"
-        response = ctx.client("ec2").create_flow_logs(
-            **request_members(params),
-            LogDestinationType=destination_type,
-            ClientToken=ctx.token,
-            TagSpecifications=tag_specifications("vpc-flow-log", params.tags),
-        )
-        refused = {item["ResourceId"]: item["Error"]["Message"] for item in response.get("Unsuccessful", [])}
-        flow_log_ids = response.get("FlowLogIds", [])
+        try:
+            response = ctx.client("ec2").create_flow_logs(
+                **request_members(params),
+                LogDestinationType=destination_type,
+                ClientToken=ctx.token,
+                TagSpecifications=tag_specifications("vpc-flow-log", params.tags),
+            )
+            unsuccessful: list[Any] = list(response.get("Unsuccessful", []))
+            created = list(response.get("FlowLogIds", []))
+        except ClientError as err:  # some endpoints refuse the whole request instead of listing each resource
+            if err.response["Error"]["Code"] != "FlowLogAlreadyExists":
+                raise
+            created = []
+            unsuccessful = [{"ResourceId": rid, "Error": {"Code": "FlowLogAlreadyExists", "Message": ""}}
+                            for rid in params.resource_ids]
+        # A re-run meets its own flow logs: "FlowLogAlreadyExists" means one with this configuration and
+        # destination is there, which is what the step was asked to make.
+        existing = [i["ResourceId"] for i in unsuccessful if i["Error"].get("Code") == "FlowLogAlreadyExists"]
+        refused = {i["ResourceId"]: i["Error"]["Message"] for i in unsuccessful if i["ResourceId"] not in existing}
+        flow_log_ids = [*created, *_existing(ctx, params, existing)]
         ctx.log_table(
             "VPC flow logs",
             ["RESOURCE ID", "RESULT", "DETAIL"],
-            [[rid, "refused" if rid in refused else "created", refused.get(rid, "")] for rid in params.resource_ids],
+            [[rid, _result(rid, refused, existing), refused.get(rid, "")] for rid in params.resource_ids],
         )
         if refused:
             raise _refusal(refused, flow_log_ids)
+        ctx.checkpoint(flow_log_ids=flow_log_ids, destination_type=destination_type)
         ctx.log.info("flow_logs.created", flow_log_ids=flow_log_ids, destination_type=destination_type)
-        outputs = {"flow_log_ids": flow_log_ids, "resource_ids": params.resource_ids}
-        return Done({**outputs, "destination_type": destination_type})
+        return Poll(state={"flow_log_ids": flow_log_ids, "destination_type": destination_type}, after=5.0)
+
+
+def _result(resource_id: str, refused: Mapping[str, str], existing: Sequence[str]) -> str:
+    return "refused" if resource_id in refused else "exists" if resource_id in existing else "created"
+
+
+def _existing(ctx: StepContext, params: CreateFlowLogs.Params, resource_ids: Sequence[str]) -> list[str]:
+    """The ids of the identical flow logs that already exist for ``resource_ids``."""
+    if not resource_ids:
+        return []
+    found = ctx.client("ec2").describe_flow_logs(Filters=[{"Name": "resource-id", "Values": list(resource_ids)}])
+    destination = params.log_group_name or params.s3_destination
+    return [f["FlowLogId"] for f in found.get("FlowLogs", [])
+            if f.get("TrafficType") == params.traffic_type
+            and destination in (f.get("LogGroupName"), f.get("LogDestination"))]
+
+
+def _delivery(ctx: StepContext, params: CreateFlowLogs.Params, flow_log_ids: list[str]) -> Outcome:
+    """Done once every flow log's DeliverLogsStatus is SUCCESS; FAILED (its error message) fails the step."""
+    found = ctx.client("ec2").describe_flow_logs(FlowLogIds=flow_log_ids).get("FlowLogs", [])
+    statuses = {f["FlowLogId"]: f.get("DeliverLogsStatus", "") for f in found}
+    failed = {f["FlowLogId"]: f.get("DeliverLogsErrorMessage", "no message") for f in found
+              if f.get("DeliverLogsStatus") == "FAILED"}
+    if failed:
+        reasons = "; ".join(f"{fid}: {message}" for fid, message in failed.items())
+        raise RemoteFailed(
+            f"flow logs cannot deliver ({reasons}); 'Access error' means deliver_logs_role_arn may not publish "
+            "to the destination, 'Rate limited' a CloudWatch Logs quota",
+            code="DeliverLogsFailed",
+            resource_id=next(iter(failed)),
+        )
+    checks = int(ctx.state.get("delivery_checks", 0)) + 1
+    if any(statuses.get(fid) != "SUCCESS" for fid in flow_log_ids) and checks < DELIVERY_CHECKS:
+        return Poll(state={"delivery_checks": checks}, after=10.0)
+    outputs = {"flow_log_ids": flow_log_ids, "resource_ids": params.resource_ids,
+               "delivery": {fid: statuses.get(fid) or "unknown" for fid in flow_log_ids}}
+    return Done({**outputs, "destination_type": ctx.state.get("destination_type", "")})
 
 
 def _refusal(refused: Mapping[str, str], created: Sequence[str]) -> RemoteFailed:
@@ -185,13 +251,13 @@ class PeerVpcs(Step):
     title = "AWS / EnableVpc / NetworkPeering"
     iam_actions = (
         "ec2:CreateVpcPeeringConnection",
-        "ec2:CreateTags",
         "ec2:DescribeVpcPeeringConnections",
         "ec2:AcceptVpcPeeringConnection",
         "ec2:CreateRoute",
         "ec2:DescribeRouteTables",
         "sts:GetCallerIdentity",
     )
+    iam_grants = (permissions.tag_on_create("CreateVpcPeeringConnection", resources=(permissions.PEERING,)),)
 
     class Params(AwsParams):
         vpc_id: VpcId = Field(serialization_alias="VpcId", description="Requester VPC")

@@ -10,6 +10,9 @@ import redis
 
 from worker import sandbox
 
+# Most tests submit to the unconfigured project "default"; the project-boundary tests turn this off.
+os.environ.setdefault("STEPWORKER_OPEN_DEFAULT_PROJECT", "true")
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (or STEPWORKER_RUN_SLOW=1)")

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
 
-from steps.errors import Permanent, StepError, Transient
+from steps.errors import Permanent, StepError, Throttled, Transient
 
+#: Slow down, or wait for capacity: a scheduled wait that spends no retry budget. Logs Insights answers
+#: StartQuery with LimitExceededException when the account's concurrent queries are all running; Auto
+#: Scaling refuses an update during a scaling activity ("ScalingActivityInProgress"); EC2 limits snapshot
+#: creation per volume and the bandwidth of some calls.
+THROTTLE_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException", "RequestThrottled",
+    "TooManyRequestsException", "ProvisionedThroughputExceededException", "RequestLimitExceeded", "SlowDown",
+    "EC2ThrottledException", "LimitExceededException", "BandwidthLimitExceeded", "ScalingActivityInProgress",
+    "SnapshotCreationPerVolumeRateExceeded", "PriorRequestNotComplete",
+})
 TRANSIENT_CODES = frozenset({
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
-    "TooManyRequestsException", "ProvisionedThroughputExceededException", "RequestLimitExceeded",
-    "TransactionInProgressException", "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
+    *THROTTLE_CODES,
+    "TransactionInProgressException", "RequestTimeout", "RequestTimeoutException",
     "InternalError", "InternalFailure", "InternalServerError", "InternalServerException", "ServiceUnavailable",
-    "ServiceUnavailableException", "ServerException", "SlowDown", "EC2ThrottledException",
-    "IDPCommunicationError", "LimitExceededException",
+    "ServiceUnavailableException", "ServerException", "IDPCommunicationError",
 })
 _HINTS = {
     "AccessDenied": "grant the action to the principal shown in the step's credential source",
@@ -37,9 +45,9 @@ def classify(exc: Exception) -> StepError:
         hint = _HINTS.get(code)
         if hint:
             message = f"{message} ({hint})"
-        if code in TRANSIENT_CODES or status >= 500 or status == 429:
-            return Transient(message, code=code)
-        return Permanent(message, code=code)
+        kind = (Throttled if code in THROTTLE_CODES or status == 429 else
+                Transient if code in TRANSIENT_CODES or status >= 500 else Permanent)
+        return kind(message, code=code)
     # Connect/read timeouts, closed connections and unreachable endpoints: the request may not have
     # arrived, and every mutating call carries an idempotency token or a checkpoint, so retry.
     if isinstance(exc, ConnectionError | HTTPClientError):

@@ -6,20 +6,34 @@ Exit codes: 0 success; 1 the execution failed, was cancelled or timed out, or wa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import redis
-import yaml
 
-from worker import cli_admin, output
-from worker.dispatcher import Dispatcher, ExecutionNotFound, JobInvalid, Unavailable
+# Cold start (issue 14): what a command does not use is imported when it is used (worker/cli_lazy.py).
+from worker.cli_lazy import LazyGroup, lazy_module, raised_by
+from worker.dispatch_errors import ExecutionNotFound, JobInvalid, Unavailable
 from worker.models import ExecutionView, Status
+
+if TYPE_CHECKING:
+    from worker import json_input, output
+    from worker.client import Operations
+    from worker.settings import Settings
+else:
+    json_input, output = lazy_module("worker.json_input"), lazy_module("worker.output")
+
+
+def get_settings() -> Settings:
+    """This process's settings (imported on first use: they import the step catalog)."""
+    from worker.settings import get_settings as load  # noqa: PLC0415
+
+    return load()
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_FAILED, EXIT_INVALID, EXIT_UNAVAILABLE = 1, 2, 3
@@ -47,46 +61,96 @@ def handled(func: F) -> F:
             fail(f"no execution {exc.args[0]!r}: unknown id or expired", EXIT_FAILED)
         except Unavailable as exc:
             fail(str(exc), EXIT_UNAVAILABLE)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except PermissionError as exc:  # (worker.client.ApiError: the API refused the token or its role)
+            fail(f"{exc}; check --token / STEPWORKER_API_TOKEN", EXIT_INVALID)
+        except Exception as exc:
+            if not raised_by(exc, "redis.exceptions", "ConnectionError", "TimeoutError"):
+                raise
             fail(f"cannot reach Redis ({exc}); check STEPWORKER_REDIS_URL", EXIT_UNAVAILABLE)
 
     return wrapper  # type: ignore[return-value]
 
 
-def dispatcher() -> Dispatcher:
-    """A dispatcher for this process's settings."""
+def dispatcher() -> Operations:
+    """A dispatcher for this process's settings, or a client of the HTTP API under ``--api``."""
+    context = click.get_current_context(silent=True)
+    api = (context.find_root().obj or {}) if context else {}
+    if api.get("url"):
+        from worker.client import Client  # noqa: PLC0415  (needs the [api] extra)
+
+        return Client(api["url"], api.get("token") or "")
+    from worker.dispatcher import Dispatcher  # noqa: PLC0415
+
     return Dispatcher()
 
 
-@click.group(context_settings=CONTEXT, epilog=__doc__.split("\n\n", 1)[1])
+class _Main(LazyGroup):
+    """The command group; an invalid setting is one line and exit 2, whichever command read it."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if not raised_by(exc, "worker.settings", "SettingsInvalid"):
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(EXIT_INVALID)
+
+
+@click.group(cls=_Main, context_settings=CONTEXT, epilog=__doc__.split("\n\n", 1)[1])
 @click.version_option(package_name="stepworker")
-def main() -> None:
+@click.option("--api", "api_url", envvar="STEPWORKER_API_URL", metavar="URL",
+              help="Act through the HTTP API at URL instead of Redis (env STEPWORKER_API_URL).")
+@click.option("--token", "api_token", envvar="STEPWORKER_API_TOKEN", metavar="TOKEN",
+              help="API token for --api (env STEPWORKER_API_TOKEN).")
+@click.pass_context
+def main(ctx: click.Context, api_url: str | None, api_token: str | None) -> None:
     """Run AWS automation steps on Celery workers, with status, logs and results in Redis."""
+    ctx.obj = {"url": api_url, "token": api_token}
 
 
 # -- submit ------------------------------------------------------------------------------------
 
 
+def _limits() -> json_input.Limits:
+    return json_input.Limits.of(get_settings())
+
+
+@contextlib.contextmanager
+def _refused_input() -> Iterator[None]:
+    try:
+        yield
+    except json_input.InputRefused as exc:
+        raise JobInvalid([(exc.where, exc.message)]) from None
+
+
 def parse_pairs(pairs: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` pairs; a value is JSON when it parses, else a string."""
+    """``key=value`` pairs; a value is strict JSON when it parses as JSON, else a string."""
     params: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise JobInvalid([("-p", f"expected key=value, got {pair!r}")])
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
+        with _refused_input():
+            try:
+                params[key] = json_input.loads(value, _limits(), f"-p {key}")
+            except json_input.InputRefused as exc:
+                if not exc.message.startswith("not valid JSON"):
+                    raise
+                params[key] = value
     return params
 
 
 def load_job_file(path: Path) -> dict[str, Any]:
-    """A job from a YAML or JSON file."""
+    """A job from a YAML or JSON file: UTF-8, within the job size limit, JSON types only, no aliases."""
+    limits = _limits()
     try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise JobInvalid([("--job", f"cannot read {path}: {exc}")]) from None
+        with path.open("rb") as file:
+            data = file.read(limits.job_bytes + 1)
+    except OSError as exc:
+        raise JobInvalid([("--job", f"cannot read {path}: {exc.strerror or exc}")]) from None
+    with _refused_input():
+        loaded = json_input.load_yaml(data, limits, "--job")
     if not isinstance(loaded, dict):
         raise JobInvalid([("--job", f"{path} must hold a mapping with 'steps'")])
     return loaded
@@ -106,10 +170,11 @@ def build_job(step_type: str | None, pairs: Sequence[str], params_json: str | No
         raise JobInvalid([("TYPE", "give a step type (see `stepworker steps`) or --job FILE")])
     params: dict[str, Any] = {}
     if params_json:
-        try:
-            params = json.loads(params_json)
-        except json.JSONDecodeError as exc:
-            raise JobInvalid([("--params", f"not valid JSON: {exc}")]) from None
+        with _refused_input():
+            loaded = json_input.loads(params_json, _limits(), "--params")
+        if not isinstance(loaded, dict):
+            raise JobInvalid([("--params", f"must be a JSON object of params, not {json_input.json_type(loaded)}")])
+        params = loaded
     params.update(parse_pairs(pairs))
     spec = {"type": step_type, "params": params, "queue": queue, "name": name, "timeout": timeout}
     return {"project": project or "default", "steps": [{k: v for k, v in spec.items() if v is not None}]}
@@ -189,7 +254,7 @@ def step_index(view: ExecutionView, which: str) -> int:
     raise JobInvalid([("--step", f"no step {which!r}; steps: {', '.join(s.name for s in view.steps)}")])
 
 
-def result_json(api: Dispatcher, view: ExecutionView) -> dict[str, Any]:
+def result_json(api: Operations, view: ExecutionView) -> dict[str, Any]:
     """The ``result --json`` document (rows included for steps that have them)."""
     steps = []
     for step in view.steps:
@@ -303,6 +368,8 @@ def steps_show(step_type: str, as_json: bool) -> None:
         raise JobInvalid([("TYPE", exc.message)]) from None
     doc: dict[str, Any] = {"type": step_type, "title": step_cls.title, "description": (step_cls.__doc__ or "").strip(),
            "iam_actions": list(step_cls.iam_actions), "params": step_cls.Params.model_json_schema()}
+    if step_cls.Outputs is not None:  # what ${steps.NAME.outputs.PATH} may read (worker/jobs)
+        doc["outputs"] = step_cls.Outputs.model_json_schema()
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -313,6 +380,11 @@ def steps_show(step_type: str, as_json: bool) -> None:
     rows = [[name, "yes" if name in required else "", _type_of(spec), spec.get("default", ""),
              spec.get("description", "")] for name, spec in props.items()]
     output.table(["param", "required", "type", "default", "description"], rows, title="Params")
+    outputs = doc.get("outputs", {}).get("properties", {})
+    if outputs:
+        output.table(["output", "type", "description"],
+                     [[name, _type_of(spec), spec.get("description", "")] for name, spec in outputs.items()],
+                     title="Outputs")
 
 
 def _type_of(spec: dict[str, Any]) -> str:
@@ -336,10 +408,9 @@ def worker(queues: str | None, concurrency: int | None, pool: str, hostname: str
     """
     from celery.bin.celery import celery as celery_command  # noqa: PLC0415
 
-    from worker.settings import get_settings  # noqa: PLC0415
-
+    settings = get_settings()  # an invalid setting stops here (exit 2), before Celery could fall back to defaults
     argv = ["-A", "worker.engine.celery_app:app", "worker", "-P", pool, "-E", "--without-gossip", "-n", hostname,
-            "-l", loglevel, "-Q", queues or get_settings().default_queue]
+            "-l", loglevel, "-Q", queues or settings.default_queue]
     if concurrency:
         argv += ["-c", str(concurrency)]
     # Not app.worker_main: it and app.start drop the exit code click hands back in non-standalone mode,
@@ -356,9 +427,25 @@ def demo(keep: bool) -> None:
     sys.exit(run_demo(keep=keep))
 
 
-main.add_command(cli_admin.project)
-main.add_command(cli_admin.keys)
-main.add_command(cli_admin.doctor)
+@main.command(context_settings=CONTEXT)
+@click.option("--host", help="Bind address (default STEPWORKER_API_HOST or 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port (default STEPWORKER_API_PORT or 8080).")
+@click.option("--workers", type=click.IntRange(1, 64), help="uvicorn worker processes (default 1).")
+def api(host: str | None, port: int | None, workers: int | None) -> None:
+    """Serve the HTTP API (the dispatcher process): /v1, /docs, /healthz, /readyz, /metrics."""
+    from worker.api.app import serve  # noqa: PLC0415  (needs the [api] extra)
+    from worker.api.settings import get_api_settings  # noqa: PLC0415
+
+    changes = {k: v for k, v in (("host", host), ("port", port), ("workers", workers)) if v is not None}
+    serve(get_api_settings().model_copy(update=changes))
+
+
+main.lazy.update({
+    "project": "worker.cli_admin:project", "tokens": "worker.cli_tokens:tokens", "keys": "worker.cli_admin:keys",
+    "doctor": "worker.cli_admin:doctor", "nodes": "worker.cli_nodes:nodes", "limits": "worker.cli_limits:limits",
+})
+main.lazy.update({"jobs": "worker.cli_jobs:jobs", "run": "worker.cli_jobs:run",  # saved jobs (worker/jobs)
+                  "schedule": "worker.cli_schedules:schedule", "webhooks": "worker.cli_webhooks:webhooks"})
 
 
 if __name__ == "__main__":

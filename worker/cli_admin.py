@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import stat
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -22,8 +24,17 @@ from rich.table import Table
 from steps.errors import StepError
 from worker.doctor import diagnose
 from worker.keys import Keys
-from worker.keystore import MAX_VALUE_BYTES, KeyNotFound, KeyStore, KeyUnreadable, check_path, open_keystore
+from worker.keystore import (
+    MAX_VALUE_BYTES,
+    KeyNotFound,
+    KeyStore,
+    KeyUnreadable,
+    check_path,
+    open_keystore,
+    write_master_key_file,
+)
 from worker.keystore import new_master_key as make_master_key
+from worker.nodes.config import parse_source
 from worker.projects import FIELDS, ProjectNotFound, ProjectStore, check_name
 from worker.settings import Settings, get_settings
 
@@ -120,6 +131,13 @@ def _tty() -> bool:
     return sys.stdout.isatty()
 
 
+def _cell(value: Any) -> str:
+    """A field's value as a table cell: lists joined by commas, unset as blank."""
+    if isinstance(value, tuple | list):
+        return ", ".join(str(item) for item in value)
+    return "" if value is None else str(value)
+
+
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
@@ -171,10 +189,21 @@ def project() -> None:
 @click.option("--role-arn", help="Role to assume on top of the credentials")
 @click.option("--external-id", help="External id for assuming --role-arn")
 @click.option("--queue", help="Celery queue of the project's steps")
-def project_set(name: str, **options: str | None) -> None:
+@click.option("--node-source", "node_sources", multiple=True,
+              help="Node source, e.g. ec2:regions=eu-west-1,us-east-1 (repeat for several; replaces the list)")
+@click.option("--grant-key", "key_grants", multiple=True, metavar="PATTERN",
+              help="Key storage paths its steps may name beyond keys/project/NAME/ (* matches anything; "
+                   "repeat; replaces the list)")
+@click.option("--allow-role", "allowed_roles", multiple=True, metavar="ARN_PATTERN",
+              help="Role ARNs its steps may assume with their own role_arn (repeat; replaces the list)")
+@click.option("--allow-queue", "allowed_queues", multiple=True, metavar="QUEUE",
+              help="Queues its steps may route to besides --queue (repeat; replaces the list)")
+def project_set(name: str, **options: str | tuple[str, ...] | None) -> None:
     """Create project NAME or merge the given fields into it (validated before anything is written)."""
-    changes = {field: value for field, value in options.items() if value is not None}
+    changes: dict[str, Any] = {field: value for field, value in options.items() if value not in (None, ())}
     with _handled():
+        if "node_sources" in changes:
+            changes["node_sources"] = [parse_source(spec) for spec in changes["node_sources"]]
         check_name(name)
         config = _projects().update(name, changes)
     click.echo(f"project {name}: " + (" ".join(f"{k}={v}" for k, v in config.values().items()) or "(empty)"))
@@ -192,7 +221,7 @@ def project_show(name: str, as_json: bool) -> None:
     if as_json:
         _print_json({"name": name, **config.values()})
         return
-    _print_table(f"project {name}", ("field", "value"), [(f, getattr(config, f)) for f in FIELDS])
+    _print_table(f"project {name}", ("field", "value"), [(f, _cell(getattr(config, f))) for f in FIELDS])
 
 
 @project.command("list", epilog=_NOT_FOUND_HELP)
@@ -204,7 +233,7 @@ def project_list(as_json: bool) -> None:
     if as_json:
         _print_json({name: config.values() for name, config in projects.items()})
         return
-    rows = [(name, *(getattr(config, f) or "" for f in FIELDS)) for name, config in projects.items()]
+    rows = [(name, *(_cell(getattr(config, f)) for f in FIELDS)) for name, config in projects.items()]
     _print_table("projects", ("name", *FIELDS), rows)
 
 
@@ -256,14 +285,16 @@ def keys_put(path: str, from_file: Path | None) -> None:
 @click.argument("prefix", default="")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON")
 def keys_list(prefix: str, as_json: bool) -> None:
-    """List stored paths starting with PREFIX, with size and creation time (never values)."""
+    """List stored paths starting with PREFIX: size, creation time, and (with the master key) whether they verify."""
     with _handled():
         found = _keystore().list(prefix)
     if as_json:
         _print_json([info.as_dict() for info in found])
         return
-    rows = [(info.path, info.size, info.created.isoformat(timespec="seconds")) for info in found]
-    _print_table("key storage", ("path", "size", "created"), rows)
+    marks = {True: "yes", False: "NO: altered or sealed elsewhere", None: "no master key"}
+    rows = [(info.path, info.size, info.created.isoformat(timespec="seconds"), marks[info.verified])
+            for info in found]
+    _print_table("key storage", ("path", "size", "created", "verified"), rows)
 
 
 @keys.command("rm", epilog=_NOT_FOUND_HELP)
@@ -278,9 +309,30 @@ def keys_rm(path: str) -> None:
 
 
 @keys.command("new-master")
-def keys_new_master() -> None:
-    """Print a new master key (32 random bytes, URL-safe base64) for STEPWORKER_KEYSTORE_KEY."""
-    click.echo(make_master_key())
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write it to this new file, readable by its owner only (0600), instead of stdout")
+def keys_new_master(out: Path | None) -> None:
+    """Make a new master key (32 random bytes, URL-safe base64) for STEPWORKER_KEYSTORE_KEY(_FILE)."""
+    key = make_master_key()
+    if out is not None:
+        try:
+            write_master_key_file(out, key)
+        except FileExistsError:
+            raise Invalid(f"{out} exists; refusing to replace a master key file") from None
+        except OSError as err:
+            raise Invalid(f"cannot write {out}: {err.strerror}") from None
+        click.echo(f"wrote a new master key to {out} (mode 0600)", err=True)
+        return
+    _private_stdout()
+    click.echo(key)
+
+
+def _private_stdout() -> None:
+    """When stdout was redirected to a regular file (``> key``), make that file readable by its owner only."""
+    with contextlib.suppress(OSError, ValueError):
+        fd = sys.stdout.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
 
 
 @keys.command("rotate-master", epilog=_NOT_FOUND_HELP)

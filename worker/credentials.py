@@ -269,7 +269,7 @@ def _access_key(session: botocore.session.Session, config: AwsConfig, keys: KeyR
     # An AWS secret never changes under its key id (rotation issues a new id, hence a new AwsConfig),
     # so reading it once per process per configuration is enough.
     secret = keys.read(str(config.secret_key_path)).strip()
-    redaction.register(secret)
+    _register(secret)
     return Credentials(str(config.access_key_id), secret, method="stepworker-key-storage")
 
 
@@ -302,6 +302,13 @@ def _source_credentials(session: botocore.session.Session, config: AwsConfig, ke
             f"credential provider {config.provider!r}: {_HINTS[config.provider]}",
             code="CredentialsUnavailable",
         )
+    try:
+        frozen = found.get_frozen_credentials()
+    except (BotoCoreError, ValueError) as err:
+        raise CredentialsUnavailable(
+            f"credential provider {config.provider!r} failed: {err}", code="CredentialsUnavailable"
+        ) from None
+    _register(frozen.secret_key, frozen.token)
     return found
 
 
@@ -317,7 +324,18 @@ def _assume(
         role_arn=hop.role_arn,
         extra_args=extra,
     )
-    return DeferredRefreshableCredentials(refresh_using=fetcher.fetch_credentials, method="assume-role")
+    def fetch() -> dict[str, Any]:
+        fetched: dict[str, Any] = fetcher.fetch_credentials()
+        _register(fetched.get("secret_key"), fetched.get("token"))
+        return fetched
+
+    return DeferredRefreshableCredentials(refresh_using=fetch, method="assume-role")
+
+
+def _register(*secrets: str | None) -> None:
+    """Hand every secret this process holds to redaction, so no log line can carry it."""
+    for secret in secrets:
+        redaction.register(secret)
 
 
 class AwsAccess:

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 import boto3
 import click
 
-from worker import output, sandbox
+from worker import demo_ssm, output, sandbox
 from worker.dispatcher import Dispatcher
 from worker.models import ExecutionView, Status
+from worker.projects import ProjectConfig, ProjectStore
 from worker.settings import get_settings
 
 if TYPE_CHECKING:
@@ -148,6 +149,7 @@ def demo_job(seeded: Seeded) -> dict[str, Any]:
         "project": "demo",
         "on_failure": "stop",
         "steps": [
+            demo_ssm.STEP,
             {"type": "ec2.stop", "name": "stop web 1 and 2", "params": {"instance_ids": instances[:2]}},
             {"type": "ec2.reboot", "name": "reboot web 3", "params": {"instance_ids": instances[2:3]}},
             {"type": "sts.whoami", "name": "who am I"},
@@ -225,8 +227,10 @@ def run_demo(*, keep: bool = False) -> int:
             f"{seeded.peer_vpc_id}, Auto Scaling group {GROUP_NAME}, Athena rows and log events",
             err=True,
         )
-        with worker_process(workdir / "worker.log"):
+        with demo_ssm.emulator(), worker_process(workdir / "worker.log"):
             api = Dispatcher()
+            # Projects are a boundary: a job names a configured project (here an empty one).
+            ProjectStore(api.client, api.store.keys).put("demo", ProjectConfig())
             execution_id = api.submit(demo_job(seeded))
             click.echo(f"submitted execution {execution_id}; following its log:\n", err=True)
             view = follow(api, execution_id)

@@ -1,4 +1,4 @@
-"""Least-privilege IAM policy documents rendered from each step class's ``iam_actions``.
+"""Least-privilege IAM policy documents rendered from each step's ``iam_actions`` and ``iam_grants``.
 
 ``python -m worker.iam`` writes them under ``deploy/iam/``; a test asserts the checked-in files equal what
 this module renders, so a step whose ``iam_actions`` change fails the suite until they are regenerated.
@@ -7,45 +7,69 @@ this module renders, so a step whose ``iam_actions`` change fails the suite unti
 from __future__ import annotations
 
 import json
+import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import click
 
 import steps
+from steps import permissions
 from steps.base import Step
+from steps.permissions import Grant
 
 POLICY_VERSION = "2012-10-17"
 
 #: What the engine itself calls for every AWS step: the audit records the caller ARN, and a project or
 #: step ``role_arn`` is reached by assuming it (chained on top of the worker's own role).
 ENGINE_ACTIONS = ("sts:AssumeRole", "sts:GetCallerIdentity")
+ENGINE_GRANTS = (
+    Grant(("sts:AssumeRole",), (permissions.ROLE,), implied=False, why="project and step role_arn"),
+    Grant(("sts:GetCallerIdentity",), implied=False, why="the audit's principal ARN"),
+)
 
 #: The queue-metrics publisher (``python -m worker.queue_metrics --namespace ...``) and nothing else.
 METRICS_ACTIONS = ("cloudwatch:PutMetricData",)
 METRICS_NAMESPACE = "Stepworker"
 
-#: ``iam:PassRole`` is only ever granted towards the service a step hands the role to. A step that adds
-#: ``iam:PassRole`` must be listed here, or rendering fails (an unconditioned PassRole is an escalation path).
-PASS_ROLE_SERVICES: Mapping[str, tuple[str, ...]] = {
-    "ec2.create_from_snapshot": ("ec2.amazonaws.com",),  # the instance profile of the new instance
-    "vpc.flow_logs": ("vpc-flow-logs.amazonaws.com",),  # deliver_logs_role_arn
-}
 PASS_ROLE = "iam:PassRole"  # noqa: S105  (an IAM action, not a password)
+PASSED_TO = "iam:PassedToService"
+ASSUME_ROLE = "sts:AssumeRole"
+EXECUTE_COMMAND = "ecs:ExecuteCommand"
+CREATE_TAGS = "ec2:CreateTags"
+
+#: Placeholders a deployment fills in (``envsubst``; deploy/cloudformation substitutes its pseudo parameters).
+ACCOUNT = "${AWS_ACCOUNT_ID}"
+REGION = "${AWS_REGION}"
+#: Roles a worker may hand to a service (instance profiles, flow-log delivery): only those under this path,
+#: so granting a new one means creating it there, never widening the policy.
+PASSABLE_ROLES = f"arn:aws:iam::{ACCOUNT}:role/stepworker/passable/*"
+#: Project and step ``role_arn`` targets, in any account, but only under this role path.
+ASSUMABLE_ROLES = "arn:aws:iam::*:role/stepworker/target/*"
+#: ECS Exec opens a shell with the task's role: only into clusters and tasks that carry this tag.
+EXEC_TAG = ("stepworker-exec", "allowed")
+#: Services whose actions are not regional (``aws:RequestedRegion`` would not describe them).
+GLOBAL_SERVICES = frozenset({"iam", "sts"})
 
 ECS_TASKS_PRINCIPAL = "ecs-tasks.amazonaws.com"
 EC2_PRINCIPAL = "ec2.amazonaws.com"
+
+Key = tuple[tuple[str, ...], str]
 
 
 class PolicyError(Exception):
     """The step catalog cannot be rendered into a policy (say which step and what to add)."""
 
 
-def statement(sid: str, actions: Iterable[str], **extra: Any) -> dict[str, Any]:
-    """One ``Allow`` statement on every resource (steps take their resources from params at run time)."""
-    return {"Sid": sid, "Effect": "Allow", "Action": sorted(set(actions)), "Resource": "*", **extra}
+def statement(sid: str, actions: Iterable[str], resources: Iterable[str] = ("*",), **extra: Any) -> dict[str, Any]:
+    """One ``Allow`` statement; a single resource is written as a string, as IAM's own examples do."""
+    listed = sorted(set(resources))
+    resource: str | list[str] = listed[0] if len(listed) == 1 else listed
+    return {"Sid": sid, "Effect": "Allow", "Action": sorted(set(actions)), "Resource": resource, **extra}
 
 
 def policy(*statements: dict[str, Any]) -> dict[str, Any]:
@@ -54,34 +78,110 @@ def policy(*statements: dict[str, Any]) -> dict[str, Any]:
 
 
 def trust_policy(service: str) -> dict[str, Any]:
-    """A role trust policy that lets one AWS service principal assume the role."""
-    return policy({"Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"})
+    """A role trust policy that lets one AWS service principal assume the role.
+
+    ECS passes the account (and task ARN) of the request, so only tasks of this account get the role
+    (the confused-deputy guard); EC2 sets no such keys when it hands an instance profile its role.
+    """
+    trust: dict[str, Any] = {"Effect": "Allow", "Principal": {"Service": service}, "Action": ASSUME_ROLE}
+    if service == ECS_TASKS_PRINCIPAL:
+        trust["Condition"] = {
+            "StringEquals": {"aws:SourceAccount": ACCOUNT},
+            "ArnLike": {"aws:SourceArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:*"},
+        }
+    return policy(trust)
 
 
-def _pass_role_services(step_classes: Iterable[type[Step]]) -> list[str]:
-    services: set[str] = set()
-    for cls in step_classes:
-        if PASS_ROLE not in cls.iam_actions:
-            continue
-        if cls.type not in PASS_ROLE_SERVICES:
-            raise PolicyError(
-                f"step {cls.type!r} needs iam:PassRole: add the service it passes the role to in "
-                "worker.iam.PASS_ROLE_SERVICES"
-            )
-        services.update(PASS_ROLE_SERVICES[cls.type])
-    return sorted(services)
+def deployment_scoped(grant: Grant) -> Grant:
+    """``grant`` narrowed for one deployment, so no statement leaves a privilege-escalation path.
+
+    ``iam:PassRole`` reaches only roles under :data:`PASSABLE_ROLES`, ``sts:AssumeRole`` only
+    :data:`ASSUMABLE_ROLES`, ``ecs:ExecuteCommand`` only tasks and clusters tagged :data:`EXEC_TAG`, and
+    every regional action only the deployment's region.
+    """
+    if grant.actions == (PASS_ROLE,):
+        return replace(grant, resources=(PASSABLE_ROLES,))
+    if grant.actions == (ASSUME_ROLE,):
+        return replace(grant, resources=(ASSUMABLE_ROLES,))
+    if CREATE_TAGS in grant.actions and not any("ec2:CreateAction" in keys for keys in grant.condition.values()):
+        raise PolicyError("ec2:CreateTags without ec2:CreateAction would retag any resource: tag in the create "
+                          "call and declare steps.permissions.tag_on_create(...) in iam_grants")
+    condition = {op: dict(keys) for op, keys in grant.condition.items()}
+    if EXECUTE_COMMAND in grant.actions:
+        condition.setdefault("StringEquals", {})[f"aws:ResourceTag/{EXEC_TAG[0]}"] = (EXEC_TAG[1],)
+    if not any(action.split(":")[0] in GLOBAL_SERVICES for action in grant.actions):
+        condition.setdefault("StringEquals", {})["aws:RequestedRegion"] = (REGION,)
+    return replace(grant, condition=condition)
 
 
-def step_policy(step_classes: Iterable[type[Step]]) -> dict[str, Any]:
-    """The policy a worker needs to run these step types: their actions plus the engine's own."""
+def grants_of(cls: type[Step]) -> list[Grant]:
+    """Every grant a step needs: its calls on their resource types, then its own grants (implied or not)."""
+    own = list(cls.iam_grants)
+    covered = {action for grant in own if not grant.implied for action in grant.actions}
+    for grant in own:
+        if PASS_ROLE in grant.actions and (grant.actions != (PASS_ROLE,) or not _passed_to(grant)):
+            raise PolicyError(f"step {cls.type!r} grants iam:PassRole without an iam:PassedToService condition: "
+                              "use steps.permissions.pass_role(service)")
+    if PASS_ROLE in cls.iam_actions:
+        raise PolicyError(f"step {cls.type!r} lists iam:PassRole as a call: AWS checks it on the step's behalf; "
+                          "declare it in iam_grants with steps.permissions.pass_role(service)")
+    calls = [Grant((a,), permissions.RESOURCES.get(a, ("*",)), implied=False)
+             for a in cls.iam_actions if a not in covered]
+    return calls + own
+
+
+def _passed_to(grant: Grant) -> bool:
+    return any(PASSED_TO in keys for keys in grant.condition.values())
+
+
+def _key(grant: Grant, params: Any) -> Key:
+    return grant.scoped(params), json.dumps(grant.condition, sort_keys=True)
+
+
+def _sid(resources: tuple[str, ...], condition: str) -> str:
+    if resources == ("*",):
+        base = "AnyResource"
+    else:
+        kinds = [("object" if "/" in arn else "bucket") if arn.startswith("arn:aws:s3:") else
+                 re.split(r"[:/]", arn.split(":", 5)[-1])[0] for arn in resources]
+        service = resources[0].split(":")[2]
+        base = service.title() + "".join(kind.title().replace("-", "") for kind in dict.fromkeys(kinds))
+    if condition != "{}":
+        keys = [key for block in json.loads(condition).values() for key in block]
+        base += "If" + "".join(k.split(":")[-1].title() for k in keys)
+    return re.sub(r"[^A-Za-z0-9]", "", base)[:100]
+
+
+def _merged(grouped: Mapping[Key, set[str]]) -> dict[Key, set[str]]:
+    """One statement per condition, its resources the union: IAM ignores a resource type an action has not.
+
+    This keeps the whole catalog's policy under IAM's managed-policy size; a resource given as ``*``
+    stays in statements of its own, so it never widens the scoped ones.
+    """
+    by_condition: dict[tuple[bool, str], tuple[set[str], set[str]]] = {}
+    for (resources, condition), actions in grouped.items():
+        kept = by_condition.setdefault((resources == ("*",), condition), (set(), set()))
+        kept[0].update(resources)
+        kept[1].update(actions)
+    return {(tuple(sorted(resources)), condition): actions
+            for (_, condition), (resources, actions) in by_condition.items()}
+
+
+def step_policy(step_classes: Iterable[type[Step]], params: Any = None) -> dict[str, Any]:
+    """The policy a worker needs to run these step types (scoped to one job's ``params`` when given)."""
     classes = list(step_classes)
-    actions = {action for cls in classes for action in cls.iam_actions if action != PASS_ROLE}
-    statements = [statement("StepActions", actions)] if actions else []
-    services = _pass_role_services(classes)
-    if services:
-        condition = {"StringEquals": {"iam:PassedToService": services}}
-        statements.append(statement("PassRoleToServices", [PASS_ROLE], Condition=condition))
-    statements.append(statement("Engine", ENGINE_ACTIONS))
+    grouped: dict[Key, set[str]] = {}
+    grants = [g for cls in classes for g in grants_of(cls)] + list(ENGINE_GRANTS)
+    for grant in map(deployment_scoped, grants):
+        grouped.setdefault(_key(grant, params), set()).update(grant.actions)
+    if len(classes) > 1:
+        grouped = _merged(grouped)
+    statements, seen = [], Counter[str]()
+    for (resources, condition), actions in sorted(grouped.items(), key=lambda kv: (kv[0][0] == ("*",), kv[0])):
+        sid = _sid(resources, condition)
+        seen[sid] += 1
+        extra = {"Condition": json.loads(condition)} if condition != "{}" else {}
+        statements.append(statement(sid + (str(seen[sid]) if seen[sid] > 1 else ""), actions, resources, **extra))
     return policy(*statements)
 
 
@@ -152,8 +252,14 @@ def write(root: Path) -> list[Path]:
     help="Directory of the generated policies.",
 )
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if the files differ from the catalog.")
-def main(out: Path, check: bool) -> None:
+@click.option("--step", "step_type", help="Print one step's policy, scoped to --params, instead of writing files.")
+@click.option("--params", "params_json", default="{}", show_default=True, help="The step's params, as JSON.")
+def main(out: Path, check: bool, step_type: str | None, params_json: str) -> None:
     """Render the IAM policies of the step catalog into ``deploy/iam``."""
+    if step_type:
+        cls = steps.get_step(step_type)
+        click.echo(dumps(step_policy([cls], cls.Params.model_validate_json(params_json))), nl=False)
+        return
     if check:
         problems = differences(out)
         for problem in problems:

@@ -1,8 +1,12 @@
 """Key storage: secrets addressed by path, written by people and read only by workers.
 
 The Redis backend keeps one hash (``Keys.keystore``): path → JSON record with the AES-256-GCM ciphertext,
-its nonce, the id of the master key that sealed it, and metadata (created, size). The path is the
-associated data, so a record copied to another path no longer decrypts. The directory backend
+its nonce, the id of the master key that sealed it, and metadata (created, size). The associated data
+binds the key prefix, the path and the metadata, so a record copied to another path or another
+deployment's prefix, or whose size or date was edited, no longer decrypts. The hash's field ``""``
+(never a valid path) holds the id of the store's master key: a value sealed under any other key is
+refused, so one store never splits across two master keys. Records of format 1 (path only in the
+associated data) are still read, and rewritten as format 2 by ``rotate``. The directory backend
 (``STEPWORKER_KEYSTORE_DIR``, e.g. mounted Docker or Kubernetes secrets) is read-only: path = file path.
 """
 
@@ -14,8 +18,10 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,7 +42,10 @@ if TYPE_CHECKING:
     from worker.settings import Settings
 
 MAX_VALUE_BYTES = 64 * 1024
-_AAD_PREFIX = b"stepworker-keystore/v1\x00"
+_AAD_V1 = b"stepworker-keystore/v1\x00"
+_AAD_V2 = b"stepworker-keystore/v2\x00"
+_STORE_KID = ""  # the hash field naming the store's master key id (no path is empty)
+_log = logging.getLogger("stepworker.keystore")
 _KEY_PATH = TypeAdapter(KeyPath)
 
 
@@ -79,10 +88,12 @@ class KeyInfo:
     path: str
     size: int
     created: datetime
+    verified: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-able form for ``keys list --json``."""
-        return {"path": self.path, "size": self.size, "created": self.created.isoformat()}
+        """JSON-able form for ``keys list --json``; ``verified`` is None when no master key was at hand."""
+        return {"path": self.path, "size": self.size, "created": self.created.isoformat(),
+                "verified": self.verified}
 
 
 class KeyStore(KeyReader, Protocol):
@@ -153,6 +164,7 @@ def master_key_from(settings: Settings) -> bytes | None:
     if settings.keystore_key_file is None:
         return None
     where = f"the master key file {str(settings.keystore_key_file)!r}"
+    _check_key_file_mode(settings.keystore_key_file, where, strict=settings.keystore_key_file_strict)
     try:
         text = settings.keystore_key_file.read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as err:
@@ -160,48 +172,77 @@ def master_key_from(settings: Settings) -> bytes | None:
     return parse_master_key(text, where)
 
 
+def _check_key_file_mode(path: Path, where: str, *, strict: bool) -> None:
+    """Warn about (or, strict, refuse) a master key file that its group or others may read."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # reading it reports the problem
+    if not mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return
+    message = (f"{where} can be read by its group or others (mode {stat.filemode(mode)}); "
+               f"make it private: chmod 600 {path}")
+    if strict:
+        raise MasterKeyError(message + " (STEPWORKER_KEYSTORE_KEY_FILE_STRICT refuses it)",
+                             code="MasterKeyFileExposed")
+    _log.warning("keystore.key_file_exposed %s", message)
+
+
+def write_master_key_file(path: Path, key: str) -> None:
+    """Write ``key`` to a new file readable by its owner only (0600); refuses to replace a file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as file:
+        file.write(key + "\n")
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
 class _Sealer:
-    """AES-256-GCM under one master key, with the path as associated data."""
+    """AES-256-GCM under one master key; the key prefix, path and metadata are the associated data."""
 
-    def __init__(self, master: bytes) -> None:
+    def __init__(self, master: bytes, prefix: str) -> None:
         self._aead = AESGCM(master)
+        self._prefix = prefix
         self.kid = key_id(master)
+
+    def _aad(self, path: str, record: Mapping[str, Any]) -> bytes:
+        if record.get("v") == 1:
+            return _AAD_V1 + path.encode()
+        fields = (self._prefix, path, str(record.get("created")), str(record.get("size")), str(record.get("kid")))
+        return _AAD_V2 + b"\x00".join(field.encode() for field in fields)
 
     def seal(self, path: str, value: str, created: datetime) -> str:
         data = value.encode()
         nonce = os.urandom(12)
-        sealed = self._aead.encrypt(nonce, data, _AAD_PREFIX + path.encode())
-        record = {
-            "v": 1,
-            "alg": "AES-256-GCM",
-            "kid": self.kid,
-            "created": created.isoformat(),
-            "size": len(data),
-            "nonce": _b64(nonce),
-            "ct": _b64(sealed),
-        }
+        record: dict[str, Any] = {"v": 2, "alg": "AES-256-GCM", "kid": self.kid, "created": created.isoformat(),
+                                  "size": len(data)}
+        record["nonce"] = _b64(nonce)
+        record["ct"] = _b64(self._aead.encrypt(nonce, data, self._aad(path, record)))
         return json.dumps(record, separators=(",", ":"))
 
-    def open(self, path: str, record: Mapping[str, Any]) -> str:
-        if record.get("kid") != self.kid:
+    def check_kid(self, path: str, kid: object) -> None:
+        if kid != self.kid:
             raise MasterKeyError(
-                f"key storage path {path!r} was sealed with master key id {record.get('kid')},"
+                f"key storage path {path!r} was sealed with master key id {kid},"
                 f" but this process has master key id {self.kid}: give every dispatcher and worker the same"
                 " STEPWORKER_KEYSTORE_KEY (or finish `stepworker keys rotate-master`)",
                 code="MasterKeyMismatch",
                 resource_id=path,
             )
+
+    def open(self, path: str, record: Mapping[str, Any]) -> str:
+        self.check_kid(path, record.get("kid"))
         try:
-            plain = self._aead.decrypt(_unb64(record["nonce"]), _unb64(record["ct"]), _AAD_PREFIX + path.encode())
+            plain = self._aead.decrypt(_unb64(record["nonce"]), _unb64(record["ct"]), self._aad(path, record))
+            if record.get("v") != 1 and len(plain) != record.get("size"):
+                raise ValueError("size")
             return plain.decode()
         except (InvalidTag, KeyError, TypeError, ValueError):
             raise KeyUnreadable(
-                f"key storage path {path!r} cannot be decrypted: the record was altered or copied from"
-                f" another path; store the value again with `stepworker keys put {path}`",
+                f"key storage path {path!r} cannot be decrypted: the record or its metadata was altered, or it"
+                f" was copied from another path or prefix; store the value again with `stepworker keys put {path}`",
                 code="KeyUndecryptable",
                 resource_id=path,
             ) from None
@@ -228,7 +269,7 @@ def _check_value(path: str, value: str) -> str:
 
 
 class RedisKeyStore:
-    """Encrypted values in one Redis hash; reading and writing need the master key, listing does not."""
+    """Encrypted values in one Redis hash; reading, writing and deleting need the master key, listing does not."""
 
     def __init__(
         self, redis_client: redis.Redis, keys: Keys, master: bytes | Callable[[], bytes | None] | None
@@ -236,6 +277,7 @@ class RedisKeyStore:
         """``master`` may be a callable, read on first need: a step that reads no secret never fails on it."""
         self._redis = redis_client
         self._key = keys.keystore
+        self._prefix = keys.prefix
         self._master = master
         self._sealer: _Sealer | None = None
 
@@ -250,46 +292,73 @@ class RedisKeyStore:
         check_path(path)
         raw = _text(self._redis.hget(self._key, path))
         if raw is None:
-            raise KeyNotFound(
-                f"nothing is stored at key storage path {path!r}; store it with `stepworker keys put {path}`",
-                code="KeyNotFound",
-                resource_id=path,
-            )
+            raise _not_found(path)
         return self._require_sealer(path).open(path, _record(path, raw))
 
     def put(self, path: str, value: str) -> KeyInfo:
-        """Encrypt and store ``value`` at ``path``."""
+        """Encrypt and store ``value`` at ``path``; refused under a master key other than the store's."""
         check_path(path)
         _check_value(path, value)
+        sealer = self._require_sealer(path)
         created = _now()
-        self._redis.hset(self._key, path, self._require_sealer(path).seal(path, value, created))
-        return KeyInfo(path, len(value.encode()), created)
+
+        def attempt(pipe: Any) -> None:
+            kid = _store_kid(pipe, self._key)
+            if kid not in (None, sealer.kid):
+                raise MasterKeyError(
+                    f"key storage holds values sealed with master key id {kid}, but this process has master key"
+                    f" id {sealer.kid}: refusing to store {path!r} under a second master key (use the store's"
+                    " STEPWORKER_KEYSTORE_KEY, or `stepworker keys rotate-master` to change it)",
+                    code="MasterKeyMismatch", resource_id=path)
+            pipe.multi()
+            pipe.hset(self._key, mapping={_STORE_KID: sealer.kid, path: sealer.seal(path, value, created)})
+
+        self._redis.transaction(attempt, self._key)
+        return KeyInfo(path, len(value.encode()), created, True)
 
     def delete(self, path: str) -> bool:
-        """Remove the value at ``path``."""
-        return bool(self._redis.hdel(self._key, check_path(path)))
+        """Remove the value at ``path``; needs the store's master key."""
+        check_path(path)
+        sealer = self._require_sealer(path)
+        removed: list[bool] = []
+
+        def attempt(pipe: Any) -> None:
+            raw = _text(pipe.hget(self._key, path))
+            if raw is not None:
+                sealer.check_kid(path, _store_kid(pipe, self._key) or _record(path, raw).get("kid"))
+            pipe.multi()
+            pipe.hdel(self._key, path)
+            removed[:] = [raw is not None]
+
+        self._redis.transaction(attempt, self._key)
+        return removed[0]
 
     def list(self, prefix: str = "") -> list[KeyInfo]:
-        """Metadata of the stored values under ``prefix``."""
+        """Metadata of the stored values under ``prefix``, each verified when the master key is at hand."""
         raw = _texts(self._redis.hgetall(self._key))
-        return [_info(path, _record(path, raw[path])) for path in sorted(raw) if path.startswith(prefix)]
+        raw.pop(_STORE_KID, None)
+        try:
+            sealer = self._loaded()
+        except MasterKeyError:
+            sealer = None
+        return [_info(path, _record(path, raw[path]), sealer) for path in sorted(raw) if path.startswith(prefix)]
 
     def rotate(self, new_master_key: str) -> int:
         """Decrypt every value, then write all of them sealed under the new key in one MULTI/EXEC."""
         old = self._require_sealer("")
-        new = _Sealer(parse_master_key(new_master_key, "the new master key"))
+        new = _Sealer(parse_master_key(new_master_key, "the new master key"), self._prefix)
         if new.kid == old.kid:
             raise MasterKeyError("the new master key is the current one", code="MasterKeySame")
         count: list[int] = []
 
         def attempt(pipe: Any) -> None:
             raw = _texts(pipe.hgetall(self._key))
+            raw.pop(_STORE_KID, None)
             records = {path: _record(path, text) for path, text in raw.items()}
             plain = {path: old.open(path, record) for path, record in records.items()}
             sealed = {path: new.seal(path, plain[path], _created(records[path])) for path in plain}
             pipe.multi()
-            if sealed:
-                pipe.hset(self._key, mapping=sealed)
+            pipe.hset(self._key, mapping={_STORE_KID: new.kid, **sealed})
             count[:] = [len(sealed)]
 
         self._redis.transaction(attempt, self._key)
@@ -299,7 +368,7 @@ class RedisKeyStore:
     def _loaded(self) -> _Sealer | None:
         if self._sealer is None and self._master is not None:
             master = self._master() if callable(self._master) else self._master
-            self._sealer = None if master is None else _Sealer(master)
+            self._sealer = None if master is None else _Sealer(master, self._prefix)
         return self._sealer
 
     def _require_sealer(self, path: str) -> _Sealer:
@@ -312,6 +381,26 @@ class RedisKeyStore:
                 resource_id=path,
             )
         return sealer
+
+
+def _not_found(path: str) -> KeyNotFound:
+    return KeyNotFound(
+        f"nothing is stored at key storage path {path!r}; store it with `stepworker keys put {path}`",
+        code="KeyNotFound",
+        resource_id=path,
+    )
+
+
+def _store_kid(pipe: Any, key: str) -> str | None:
+    """The store's master key id: its marker, else (a store written before the marker) any record's."""
+    marked = _text(pipe.hget(key, _STORE_KID))
+    if marked:
+        return marked
+    sample = pipe.hrandfield(key, 1, withvalues=True)
+    if not sample:
+        return None
+    found = _record(str(_text(sample[0])), str(_text(sample[1]))).get("kid")
+    return str(found) if found else None
 
 
 def _text(value: Any) -> str | None:
@@ -340,8 +429,15 @@ def _created(record: Mapping[str, Any]) -> datetime:
         return datetime.fromtimestamp(0, UTC)
 
 
-def _info(path: str, record: Mapping[str, Any]) -> KeyInfo:
-    return KeyInfo(path, int(record.get("size", 0)), _created(record))
+def _info(path: str, record: Mapping[str, Any], sealer: _Sealer | None = None) -> KeyInfo:
+    verified = None
+    if sealer is not None:
+        try:
+            sealer.open(path, record)
+            verified = True
+        except KeyUnreadable:
+            verified = False
+    return KeyInfo(path, int(record.get("size", 0)), _created(record), verified)
 
 
 class DirectoryKeyStore:

@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 from worker import redaction
 
@@ -43,7 +44,11 @@ def capture(sink: Sink) -> Iterator[None]:
 
 
 def configure(*, json_output: bool | None = None, level: int | str = "INFO") -> None:
-    """Configure structlog and stdlib logging once: JSON when not on a TTY, console on a TTY."""
+    """Configure structlog and stdlib logging once: JSON when not on a TTY, console on a TTY.
+
+    Tracebacks are rendered without frame locals (a frame of a signed request holds its token and
+    signature), and redaction runs again as the last step before rendering, on the final event.
+    """
     if json_output is None:
         json_output = not sys.stderr.isatty()
     shared: list[Any] = [
@@ -53,8 +58,12 @@ def configure(*, json_output: bool | None = None, level: int | str = "INFO") -> 
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redaction.processor,
     ]
-    renderer: Any = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
-    tail: list[Any] = [structlog.processors.dict_tracebacks] if json_output else []
+    exceptions: Any = (
+        structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+        if json_output else structlog.processors.format_exc_info
+    )
+    renderer: Any = (structlog.processors.JSONRenderer() if json_output
+                     else structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback))
     structlog.configure(
         processors=[*shared, _capture, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -63,7 +72,7 @@ def configure(*, json_output: bool | None = None, level: int | str = "INFO") -> 
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared, processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                                              *tail, renderer],
+                                              exceptions, redaction.processor, renderer],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 QueueName = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
-ProjectName = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+ProjectName = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class Status(enum.StrEnum):
@@ -39,6 +39,8 @@ class StepSpec(BaseModel):
     retries: int = Field(3, ge=0, le=20, description="Retries of transient AWS errors")
     timeout: float | None = Field(None, gt=0, le=7 * 86400, description="Seconds before the step times out")
     queue: str | None = QueueName
+    when: str | None = Field(None, min_length=1, max_length=1000,
+                             description="Run the step only if this holds (e.g. ${steps.check.outputs.count} > 0)")
 
 
 class Job(BaseModel):
@@ -86,6 +88,8 @@ class ExecutionView(BaseModel):
     finished_at: float | None = None
     current: int = 0
     steps: list[StepView] = Field(default_factory=list)
+    job: str | None = Field(None, description="The saved job this execution ran, if any")
+    job_version: int | None = Field(None, description="The version of that saved job")
 
 
 class LogEntry(BaseModel):

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from steps.base import AccessKeyId, ExternalId, KeyPath, Region, RoleArn
 from worker.keys import Keys
+from worker.nodes.config import NodeSource
 from worker.settings import CredentialProvider
 
 if TYPE_CHECKING:
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 ProjectName = Annotated[str, StringConstraints(pattern=_NAME_PATTERN)]
 QueueName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+# Patterns: ``*`` matches any run of characters (``/`` and ``:`` included), ``?`` one character.
+KeyGrant = Annotated[str, StringConstraints(max_length=512, pattern=r"^[A-Za-z0-9_.*?/-]+$")]
+RolePattern = Annotated[str, StringConstraints(max_length=600,
+                                               pattern=r"^arn:aws[a-z-]*:iam::([0-9]{12}|\*):role/[A-Za-z0-9+=,.@/*?_-]+$")]
 
 
 class ProjectNotFound(LookupError):
@@ -62,6 +67,19 @@ class ProjectConfig(BaseModel):
     role_arn: RoleArn | None = Field(None, description="Role assumed on top of the credentials")
     external_id: ExternalId | None = Field(None, description="External id for assuming role_arn")
     queue: QueueName | None = Field(None, description="Celery queue of the project's steps")
+    node_sources: tuple[NodeSource, ...] = Field(
+        (), max_length=20, description="Where the project's nodes come from (EC2, ECS/Fargate: worker.nodes.config)",
+    )
+    key_grants: tuple[KeyGrant, ...] = Field(
+        (), max_length=100,
+        description="Key storage paths (patterns) its steps may name, beyond keys/project/<name>/",
+    )
+    allowed_roles: tuple[RolePattern, ...] = Field(
+        (), max_length=100, description="Role ARNs (patterns) a step may assume with its own role_arn",
+    )
+    allowed_queues: tuple[QueueName, ...] = Field(
+        (), max_length=100, description="Queues a step may route to, beyond the project's own queue",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -70,9 +88,10 @@ class ProjectConfig(BaseModel):
             raise ValueError("; ".join(f"{field} {reason}" for field, reason in problems))
         return self
 
-    def values(self) -> dict[str, str]:
-        """The fields that are set."""
-        return self.model_dump(exclude_none=True)
+    def values(self) -> dict[str, Any]:
+        """The fields that are set (lists only when not empty)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_dump(exclude_none=True).items()
+                if v != ()}
 
 
 FIELDS = tuple(ProjectConfig.model_fields)
@@ -99,7 +118,7 @@ class ProjectStore:
 
     def put(self, name: str, config: ProjectConfig) -> None:
         """Store ``config`` as the whole configuration of ``name`` (creating the project)."""
-        self._redis.hset(self._key, check_name(name), config.model_dump_json(exclude_none=True))
+        self._redis.hset(self._key, check_name(name), config.model_dump_json(exclude_defaults=True))
 
     def update(self, name: str, changes: dict[str, Any]) -> ProjectConfig:
         """Merge ``changes`` into the project (creating it); validated before anything is written."""
@@ -137,7 +156,7 @@ class ProjectStore:
             raw = pipe.hget(self._key, name)
             new = change(None if raw is None else ProjectConfig.model_validate_json(raw))
             pipe.multi()
-            pipe.hset(self._key, name, new.model_dump_json(exclude_none=True))
+            pipe.hset(self._key, name, new.model_dump_json(exclude_defaults=True))
             result[:] = [new]
 
         self._redis.transaction(attempt, self._key)
@@ -156,11 +175,15 @@ class ProjectCache:
         self._ttl = ttl
         self._entries: dict[str, tuple[float, ProjectConfig | None]] = {}
 
-    def get(self, name: str) -> ProjectConfig | None:
-        """The project's configuration (None when there is no such project), at most ``ttl`` seconds old."""
+    def get(self, name: str, *, cached_absence: bool = True) -> ProjectConfig | None:
+        """The project's configuration (None when there is no such project), at most ``ttl`` seconds old.
+
+        With ``cached_absence`` False a cached "no such project" is read again, so a project created a
+        moment ago is found at once.
+        """
         now = time.monotonic()
         cached = self._entries.get(name)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > now and (cached[1] is not None or cached_absence):
             return cached[1]
         config = self._store.get(name)
         self._entries[name] = (now + self._ttl, config)

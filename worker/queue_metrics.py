@@ -3,36 +3,47 @@
 A Celery queue on Redis is a list per priority step (``queue``, ``queue\\x06\\x163``, ...) holding the
 messages nobody took yet. Everything a worker took and has not acked — running phases, prefetched ones and
 countdown polls held until their ETA — sits in kombu's global ``unacked`` hash instead, as
-``[message, exchange, routing_key]``. Scaling on LLEN alone misses all of that, so the backlog of a queue
-here is both, and ``python -m worker.queue_metrics`` prints it as JSON lines and can publish it to
-CloudWatch for target tracking ("BacklogPerWorker").
+``[message, exchange, routing_key]``. Scaling on LLEN alone misses the running work, so the backlog of a
+queue here is the waiting messages plus the unacked ones a worker is busy with. Two kinds of unacked entry
+are left out, since a new worker could not take them: countdown polls whose ETA is still ahead
+(``scheduled``: they wait for their time, not for capacity) and entries a killed worker left behind
+(``stale``: their step's lease lapsed a lease-plus-grace ago, or their ETA and delivery are older than
+the hard task time limit; the sweeper has republished their phases, which count as waiting).
+``python -m worker.queue_metrics`` prints it as JSON lines and can publish it to CloudWatch for target
+tracking ("BacklogPerWorker"); with ``--elect`` every host may run it and only the holder of a Redis lease
+samples and publishes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 import signal
+import socket
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 import click
 import redis
 
+from worker.backlog import Backlog, Layout, Leases, measure, schedule_lag
+from worker.publisher_lease import Census, PublisherLease
+
+__all__ = ["Backlog", "Layout", "Sampler", "main", "measure", "metric_data", "publish", "schedule_lag"]
+
 if TYPE_CHECKING:
     from celery import Celery
 
+#: The publishers' lease (under the store's key prefix): which of them samples and publishes.
+LEASE_KEY = "metrics:publisher"
 #: PutMetricData takes at most this many data points per call.
 MAX_DATA_PER_CALL = 1000
-#: kombu's defaults, used where a channel does not say otherwise.
-DEFAULT_SEP = "\x06\x16"
-DEFAULT_PRIORITY_STEPS = (0, 3, 6, 9)
-
-
 class MetricSink(Protocol):
     """The one CloudWatch call the publisher makes (a boto3 ``cloudwatch`` client)."""
 
@@ -40,151 +51,17 @@ class MetricSink(Protocol):
         """Send data points to a namespace."""
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where kombu's Redis transport keeps messages: key names as the broker transport options set them."""
-
-    prefix: str = ""
-    sep: str = DEFAULT_SEP
-    priority_steps: tuple[int, ...] = DEFAULT_PRIORITY_STEPS
-    unacked_key: str = "unacked"
-    binding_key: str = "_kombu.binding.%s"
-
-    @classmethod
-    def of(cls, channel: Any) -> Layout:
-        """The layout a kombu Redis channel uses (``global_keyprefix``, ``sep``, ``priority_steps``, ...)."""
-        return cls(
-            prefix=channel.global_keyprefix or "",
-            sep=channel.sep,
-            priority_steps=tuple(channel.priority_steps),
-            unacked_key=channel.unacked_key,
-            binding_key=channel.keyprefix_queue,
-        )
-
-    def lists(self, queue: str) -> list[str]:
-        """The Redis lists of one queue, one per priority step."""
-        return [self.prefix + (f"{queue}{self.sep}{step}" if step else queue) for step in self.priority_steps]
-
-
-@dataclass(frozen=True)
-class Backlog:
-    """One queue's load: messages waiting in its lists and messages held unacked by workers."""
-
-    queue: str
-    waiting: int
-    unacked: int
-    scheduled: int
-    workers: int | None = None
-
-    @property
-    def total(self) -> int:
-        """Waiting plus unacked: every message of the queue that is not done yet."""
-        return self.waiting + self.unacked
-
-    @property
-    def per_worker(self) -> float:
-        """The backlog each consuming worker carries (the whole backlog when none consumes)."""
-        return self.total / max(self.workers or 0, 1)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON form printed by the command."""
-        return {**asdict(self), "backlog": self.total, "backlog_per_worker": round(self.per_worker, 3)}
-
-
-class _Routes:
-    """Resolves an unacked entry's exchange and routing key to queue names through kombu's binding tables."""
-
-    def __init__(self, client: redis.Redis, layout: Layout) -> None:
-        self.client = client
-        self.layout = layout
-        self.tables: dict[str, list[tuple[str, str]]] = {}  # exchange -> [(routing key, queue)]
-
-    def queues(self, exchange: str, routing_key: str) -> list[str]:
-        if not exchange:
-            return [routing_key]
-        if exchange not in self.tables:
-            members = self.client.smembers(self.layout.prefix + self.layout.binding_key % exchange)
-            rows = (_text(member).split(self.layout.sep) for member in members)
-            self.tables[exchange] = [(row[0], row[2]) for row in rows if len(row) == 3]
-        table = self.tables[exchange]
-        # Celery binds a queue's own exchange with the queue name as routing key (a direct exchange).
-        return [queue for key, queue in table if key == routing_key] if table else [routing_key]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _eta(payload: Mapping[str, Any]) -> datetime | None:
-    eta = (payload.get("headers") or {}).get("eta")
-    if not isinstance(eta, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(eta)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _unacked(client: redis.Redis, layout: Layout) -> Iterator[tuple[str, str, datetime | None]]:
-    """(exchange, routing key, ETA) of every unacked message, read in batches (HSCAN, not HGETALL)."""
-    for _tag, raw in client.hscan_iter(layout.prefix + layout.unacked_key, count=500):
-        try:
-            payload, exchange, routing_key = json.loads(raw)
-        except (ValueError, TypeError):
-            continue  # not a kombu entry; nothing to count
-        yield (
-            str(exchange or ""),
-            str(routing_key or ""),
-            _eta(payload) if isinstance(payload, dict) else None,
-        )
-
-
-def measure(
-    client: redis.Redis,
-    layout: Layout,
-    queues: Sequence[str],
-    *,
-    now: datetime | None = None,
-    workers: Mapping[str, int] | None = None,
-) -> dict[str, Backlog]:
-    """The backlog of each queue; ``scheduled`` counts unacked messages whose ETA is still ahead."""
-    now = now or datetime.now(UTC)
-    with client.pipeline(transaction=False) as pipe:
-        for queue in queues:
-            for key in layout.lists(queue):
-                pipe.llen(key)
-        lengths = iter(pipe.execute())
-    waiting = {queue: sum(next(lengths) for _ in layout.priority_steps) for queue in queues}
-    unacked = dict.fromkeys(queues, 0)
-    scheduled = dict.fromkeys(queues, 0)
-    routes = _Routes(client, layout)
-    for exchange, routing_key, eta in _unacked(client, layout):
-        for queue in routes.queues(exchange, routing_key):
-            if queue in unacked:
-                unacked[queue] += 1
-                scheduled[queue] += int(eta is not None and eta > now)
-    return {
-        queue: Backlog(
-            queue,
-            waiting[queue],
-            unacked[queue],
-            scheduled[queue],
-            None if workers is None else workers.get(queue, 0),
-        )
-        for queue in queues
-    }
+def active_queues(app: Celery, timeout: float) -> dict[str, set[str]]:
+    """Node name -> queues it consumes, from the workers that answer a broadcast within ``timeout``."""
+    replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    return {node: {str(entry.get("name")) for entry in consumed or ()} for node, consumed in replies.items()}
 
 
 def count_workers(app: Celery, queues: Iterable[str], timeout: float) -> dict[str, int]:
     """How many live workers consume each queue (a remote-control broadcast answered within ``timeout``)."""
-    replies = app.control.inspect(timeout=timeout).active_queues() or {}
-    counts = dict.fromkeys(queues, 0)
-    for consumed in replies.values():
-        for name in {entry.get("name") for entry in consumed or ()}:
-            if name in counts:
-                counts[name] += 1
-    return counts
+    census = Census(memory=0)
+    census.update(active_queues(app, timeout))
+    return census.counts(queues)
 
 
 def metric_data(backlogs: Iterable[Backlog], dimensions: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -198,6 +75,7 @@ def metric_data(backlogs: Iterable[Backlog], dimensions: Mapping[str, str]) -> l
             "Backlog": float(backlog.total),
             "BacklogPerWorker": backlog.per_worker,
             "Scheduled": float(backlog.scheduled),
+            "Stale": float(backlog.stale),
         }
         if backlog.workers is not None:
             values["Workers"] = float(backlog.workers)
@@ -218,14 +96,54 @@ def publish(
     return len(data)
 
 
+def publish_lag(cloudwatch: MetricSink, namespace: str, lag: float, dimensions: Mapping[str, str]) -> int:
+    """Put ``SweeperLag`` (seconds, per deployment: the extra dimensions only) into ``namespace``."""
+    dims = [{"Name": k, "Value": v} for k, v in dimensions.items()]
+    point = {"MetricName": "SweeperLag", "Dimensions": dims, "Value": lag, "Unit": "Seconds"}
+    cloudwatch.put_metric_data(Namespace=namespace, MetricData=[point])
+    return 1
+
+
+@dataclass
+class Sampler:
+    """What one publisher keeps across samples: its queues, census of workers, lease and thresholds."""
+
+    app: Celery
+    queues: Sequence[str]
+    inspect_timeout: float
+    census: Census
+    stale_after: timedelta | None = None
+    lease: PublisherLease | None = None
+    schedule: tuple[redis.Redis, str] | None = None  # the store and its schedule key, for SweeperLag
+    leases: Leases | None = None
+
+    def sample(self) -> dict[str, Backlog] | None:
+        """Measure every queue on the app's broker; None when another publisher holds the lease."""
+        with self.app.connection_for_read() as connection:
+            channel: Any = connection.default_channel
+            # kombu's own pool, so Sentinel, TLS and auth work as the broker URL and transport options say.
+            client = redis.Redis(connection_pool=channel.pool)
+            if self.lease is not None and not self.lease.hold(client):
+                return None
+            self.census.update(active_queues(self.app, self.inspect_timeout))
+            workers = self.census.counts(self.queues)
+            return measure(client, Layout.of(channel), self.queues, workers=workers, stale_after=self.stale_after,
+                           leases=self.leases)
+
+    def release(self) -> None:
+        """Give the lease up, so another publisher takes over at its next sample."""
+        if self.lease is None:
+            return
+        with self.app.connection_for_read() as connection:
+            channel: Any = connection.default_channel
+            self.lease.release(redis.Redis(connection_pool=channel.pool))
+
+
 def sample(app: Celery, queues: Sequence[str], inspect_timeout: float) -> dict[str, Backlog]:
-    """Measure every queue on ``app``'s broker, with the count of workers consuming it."""
-    workers = count_workers(app, queues, inspect_timeout)
-    with app.connection_for_read() as connection:
-        channel: Any = connection.default_channel
-        # kombu's own pool, so Sentinel, TLS and auth work as the broker URL and transport options say.
-        client = redis.Redis(connection_pool=channel.pool)
-        return measure(client, Layout.of(channel), queues, workers=workers)
+    """Measure every queue on ``app``'s broker once, with the count of workers consuming it."""
+    found = Sampler(app, queues, inspect_timeout, Census(memory=0)).sample()
+    assert found is not None  # no lease, so always measured
+    return found
 
 
 def _dimensions(values: Sequence[str]) -> dict[str, str]:
@@ -245,22 +163,23 @@ def _stop_event() -> threading.Event:
     return stop
 
 
-def _tick(
-    app: Celery,
-    queues: Sequence[str],
-    timeout: float,
-    sink: MetricSink | None,
-    namespace: str,
-    dimensions: Mapping[str, str],
-) -> bool:
+def _tick(sampler: Sampler, sink: MetricSink | None, namespace: str, dimensions: Mapping[str, str]) -> bool:
     try:
-        backlogs = sample(app, queues, timeout)
+        backlogs = sampler.sample()
+        if backlogs is None:
+            click.echo(json.dumps({"time": datetime.now(UTC).isoformat(), "publisher": "standby"}))
+            return True
         line: dict[str, Any] = {
             "time": datetime.now(UTC).isoformat(),
             "queues": {q: b.as_dict() for q, b in backlogs.items()},
         }
+        lag = None if sampler.schedule is None else schedule_lag(*sampler.schedule)
+        if lag is not None:
+            line["sweeper_lag_seconds"] = round(lag, 3)
         if sink is not None:
             line["published"] = publish(sink, namespace, backlogs.values(), dimensions)
+            if lag is not None:
+                line["published"] += publish_lag(sink, namespace, lag, dimensions)
     except Exception as exc:  # (a failed sample is reported; the next one may succeed)
         failure = {"time": datetime.now(UTC).isoformat(), "error": f"{type(exc).__name__}: {exc}"}
         click.echo(json.dumps(failure), err=True)
@@ -307,6 +226,12 @@ def _tick(
     show_default=True,
     help="Seconds to wait for workers to answer the count.",
 )
+@click.option(
+    "--elect/--no-elect",
+    default=False,
+    envvar="STEPWORKER_METRICS_ELECT",
+    help="Publish only while holding a Redis lease, so every host can run the publisher.",
+)
 def main(
     queues: str | None,
     interval: float,
@@ -314,14 +239,27 @@ def main(
     namespace: str | None,
     dimensions: tuple[str, ...],
     inspect_timeout: float,
+    elect: bool,
 ) -> None:
-    """Print each queue's backlog (waiting + unacked) as JSON lines; optionally publish it to CloudWatch."""
+    """Print each queue's backlog (waiting + busy unacked) as JSON lines; optionally publish it to CloudWatch."""
     from worker.engine.celery_app import app  # noqa: PLC0415  (configures itself from STEPWORKER_* settings)
     from worker.settings import get_settings  # noqa: PLC0415
 
     settings = get_settings()
     names = [q.strip() for q in (queues or settings.default_queue).split(",") if q.strip()]
     dims = _dimensions(dimensions)
+    # A worker that missed a few broadcasts is still counted; one gone for three intervals is not.
+    sampler = Sampler(app, names, inspect_timeout, Census(memory=3 * interval + inspect_timeout),
+                      stale_after=timedelta(seconds=float(app.conf.task_time_limit or 3600) + interval))
+    from worker.engine.connections import store_client  # noqa: PLC0415
+    from worker.keys import Keys  # noqa: PLC0415
+
+    store, keys = store_client(settings, "dispatcher"), Keys(settings.key_prefix)
+    sampler.schedule = (store, keys.schedule)
+    sampler.leases = Leases(store, keys.step, timedelta(seconds=settings.lease_seconds + settings.grace_seconds))
+    if elect:
+        owner = f"{socket.gethostname()}:{os.getpid()}"
+        sampler.lease = PublisherLease(f"{settings.key_prefix}:{LEASE_KEY}", owner, 3 * interval)
     sink: MetricSink | None = None
     if namespace:
         import boto3  # noqa: PLC0415  (only a publishing process needs AWS)
@@ -330,10 +268,18 @@ def main(
     stop = _stop_event()
     ok = True
     for count in itertools.count(1):
-        ok = _tick(app, names, inspect_timeout, sink, namespace or "", dims)
+        ok = _tick(sampler, sink, namespace or "", dims)
         if count == iterations or stop.wait(interval):
             break
+    if iterations != 1:
+        _release(sampler)
     sys.exit(0 if ok else 1)
+
+
+def _release(sampler: Sampler) -> None:
+    with contextlib.suppress(redis.RedisError):  # else the lease expires by itself
+        sampler.release()
+
 
 
 if __name__ == "__main__":

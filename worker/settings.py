@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from steps.base import AccessKeyId, ExternalId, KeyPath, Region, RoleArn
+from worker.quotas.limits import LimitOverride
 
 CredentialProvider = Literal["default", "ec2", "ecs", "access-key"]
 
@@ -52,8 +54,32 @@ class Settings(BaseSettings):
     external_id: ExternalId | None = None
 
     keystore_key: SecretStr | None = Field(None, description="Master key of key storage (URL-safe base64)")
-    keystore_key_file: Path | None = None
+    keystore_key_file: Path | None = Field(None, description="File holding the master key (mode 0600 or 0400)")
+    keystore_key_file_strict: bool = Field(
+        False, description="Refuse, instead of warn about, a master key file that group or others can read"
+    )
     keystore_dir: Path | None = Field(None, description="Read keys from files in this directory instead")
+
+    webhook_key: SecretStr | None = Field(
+        None, description="Root key of webhook secrets (each is derived from it and the hook id; never stored)"
+    )
+    open_default_project: bool = Field(
+        False, description="Let jobs use the project 'default' without configuring it (worker's own credentials)"
+    )
+    redis_tls_verify: bool = Field(
+        True, description="Verify the Redis server's certificate and host name on rediss:// URLs (broker and store)"
+    )
+    redis_tls_ca_file: Path | None = Field(None, description="CA bundle for rediss:// (default: the system's)")
+
+    max_job_bytes: int = Field(1024 * 1024, ge=1024, description="Largest job accepted, as JSON")
+    max_params_bytes: int = Field(256 * 1024, ge=256, description="Largest params of one step, as JSON")
+    max_string_chars: int = Field(64 * 1024, ge=64, description="Longest single string in a job")
+    max_depth: int = Field(32, ge=4, le=256, description="Deepest nesting of lists and objects in a job")
+    quotas_enabled: bool = Field(True, description="Enforce AWS quotas fleet-wide (off: each call on its own)")
+    coalesce_polls: bool = Field(True, description="Answer Athena polls with BatchGetQueryExecution, 50 at a time")
+    quotas: dict[str, LimitOverride] = Field(
+        default_factory=dict, description="AWS quota overrides by limit name (stepworker limits), as JSON",
+    )
 
     @model_validator(mode="after")
     def _polls_below_visibility(self) -> Self:
@@ -71,7 +97,33 @@ class Settings(BaseSettings):
         return self.broker_url or self.redis_url
 
 
+class SettingsInvalid(ValueError):
+    """The environment holds an invalid setting; the message names it and never shows a value."""
+
+
+def explain_settings_error(exc: ValidationError) -> str:
+    """One line per problem, naming the variable (``STEPWORKER_...``) and never echoing its input."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        names = [f"STEPWORKER_{str(part).upper()}" for part in error["loc"][:1]]
+        reason = error["msg"].removeprefix("Value error, ")
+        if not names:  # a model validator: its message names the settings itself
+            reason = re.sub(r"\b([a-z][a-z0-9_]+_[a-z0-9_]+)\b",
+                            lambda m: f"STEPWORKER_{m.group(1).upper()}" if m.group(1) in Settings.model_fields
+                            else m.group(1), reason)
+        lines.append(f"invalid setting {names[0]}: {reason}" if names else f"invalid settings: {reason}")
+    return "; ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment (and ``overrides``); SettingsInvalid, value-free, when one is invalid."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsInvalid(explain_settings_error(exc)) from None
+
+
 @functools.cache
 def get_settings() -> Settings:
-    """The settings of this process, read once."""
-    return Settings()
+    """The settings of this process, read once; raises SettingsInvalid naming the bad setting."""
+    return load_settings()

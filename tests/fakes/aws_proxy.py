@@ -17,6 +17,7 @@ Everything below is off unless asked for, so a plain ``AwsProxy(url)`` only reco
 - ``delays={"StartQueryExecution": 2.0}``: hold chosen actions that long before handling them, as a
   slow AWS would (the call still takes effect if the caller died meanwhile). ``stop()`` ends every
   hold at once and answers the held calls 503 without forwarding them.
+- ``BatchGetQueryExecution`` (which moto lacks) is answered with one GetQueryExecution per id to moto.
 - ``athena_seconds=N``: moto's Athena says SUCCEEDED on the first look (its state manager is
   global to the server and counts gets, not time), so the proxy keeps each query's state itself:
   RUNNING for N seconds after its start reached moto, then whatever moto says (SUCCEEDED);
@@ -238,6 +239,8 @@ class AwsProxy(LoopbackServer):
 
     def _answer(self, request: Recorded) -> Reply:
         action = request.operation
+        if action == "BatchGetQueryExecution":
+            return self._batch_get(request)
         early = self._athena_before(request) if self.athena_seconds is not None else None
         reply = early or self.forward(request)
         if action in MUTATING and early is None:
@@ -249,6 +252,25 @@ class AwsProxy(LoopbackServer):
     def _note(self, mutation: Mutation) -> None:
         with self._lock:
             self.mutations.append(mutation)
+
+    def _batch_get(self, request: Recorded) -> Reply:
+        """BatchGetQueryExecution, which moto lacks (it answers 500): one GetQueryExecution per id to moto.
+
+        The batch arrives here once (and is recorded once); ids moto does not know come back unprocessed.
+        """
+        executions, unprocessed = [], []
+        target = request.headers.get("X-Amz-Target", "").replace("BatchGetQueryExecution", "GetQueryExecution")
+        for query_id in request.params.get("QueryExecutionIds", []):
+            headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+            single = Recorded(request.method, request.path, {**headers, "X-Amz-Target": target},
+                              json.dumps({"QueryExecutionId": query_id}).encode())
+            status, _, body = self.forward(single)
+            if status < 300:
+                executions.append(json.loads(body)["QueryExecution"])
+            else:
+                unprocessed.append({"QueryExecutionId": query_id, "ErrorCode": str(status)})
+        reply = _json_reply(200, {"QueryExecutions": executions, "UnprocessedQueryExecutionIds": unprocessed})
+        return self._athena_after(request, reply) if self.athena_seconds is not None else reply
 
     # -- Athena query state over time --------------------------------------------------------------
 

@@ -115,7 +115,8 @@ def cancel_slow_starts(services: Services, size: int = 4) -> CancelResult:
         rig.start_worker(concurrency=4)
         launches = max(1, size // 2)
         jobs = [("athena.query", {"query": f"SELECT {i}", **ATHENA_PARAMS}) for i in range(size)]
-        jobs += [("ec2.create_from_snapshot", {"snapshot_id": snapshot, "instance_type": "t3.micro"})] * launches
+        launch = {"snapshot_id": snapshot, "instance_type": "t3.micro", "architecture": "x86_64"}
+        jobs += [("ec2.create_from_snapshot", launch)] * launches
         # Workers take a second or two to come up: wait, so that the cancels meet calls in flight.
         wait_for(lambda: all(w.ready() for w in rig.workers), 60)
         ids = submit_and_cancel(rig.dispatcher, jobs, notes)

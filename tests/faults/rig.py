@@ -46,7 +46,7 @@ def base_env() -> dict[str, str]:
     lease = os.environ.get("STEPWORKER_LEASE_SECONDS")
     if lease:
         env["STEPWORKER_LEASE_SECONDS"] = lease
-    return {**env, "PYTHONPATH": str(ROOT)}
+    return {**env, "PYTHONPATH": str(ROOT), "STEPWORKER_OPEN_DEFAULT_PROJECT": "true"}
 
 
 class Rig:

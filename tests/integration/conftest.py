@@ -132,6 +132,8 @@ def stack(redis_url: str, aws: str, tmp_path: Path) -> Iterator[Stack]:
         **sandbox.moto_env(aws),
         "STEPWORKER_REDIS_URL": redis_url,
         "STEPWORKER_KEY_PREFIX": prefix,
+        "STEPWORKER_OPEN_DEFAULT_PROJECT": "true",
+        "STEPWORKER_WEBHOOK_KEY": f"webhook-root-{uuid.uuid4().hex}",
         "STEPWORKER_DEFAULT_QUEUE": queue,
         "STEPWORKER_POLL_MIN_SECONDS": "0.2",
         "STEPWORKER_POLL_MAX_SECONDS": "2",

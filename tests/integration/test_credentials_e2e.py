@@ -162,7 +162,8 @@ def test_each_provider_signs_alone_and_under_assumed_roles(stack: Stack, proxy: 
     case, master = CASES[name], new_master_key()
     store_secret(stack, master)
     projects(stack).put("plain", ProjectConfig(**case.fields))
-    projects(stack).put("roles", ProjectConfig(**case.fields, role_arn=PROJECT_ROLE, external_id=EXTERNAL_ID))
+    projects(stack).put("roles", ProjectConfig(**case.fields, role_arn=PROJECT_ROLE, external_id=EXTERNAL_ID,
+                                               allowed_roles=(STEP_ROLE,)))
     replies = record_replies(proxy)
     stack.start_worker(every_source(proxy, master))
 

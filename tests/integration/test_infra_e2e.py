@@ -96,7 +96,8 @@ def test_redelivered_launch_does_not_start_a_second_set_of_instances(stack: Stac
 
     proxy.after = hold_launch_reply
     env = {**FAST_RECOVERY, "AWS_ENDPOINT_URL_EC2": proxy.url}
-    params = {"snapshot_id": snapshot, "instance_type": "t3.micro", "count": 2, "name": "from-snap"}
+    params = {"snapshot_id": snapshot, "instance_type": "t3.micro", "count": 2, "name": "from-snap",
+              "architecture": "x86_64"}
     try:
         # When the sweeper republishes the phase once its lease expired, and a second worker claims it
         execution, view = stack.crash_and_redeliver(

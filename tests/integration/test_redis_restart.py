@@ -68,6 +68,7 @@ def stack(broker: Broker, tmp_path: Path) -> Iterator[Stack]:
         "AWS_EC2_METADATA_DISABLED": "true",
         "STEPWORKER_REDIS_URL": broker.url,
         "STEPWORKER_KEY_PREFIX": prefix,
+        "STEPWORKER_OPEN_DEFAULT_PROJECT": "true",
         "STEPWORKER_DEFAULT_QUEUE": queue,
         "STEPWORKER_POLL_MIN_SECONDS": "0.2",
         "STEPWORKER_SOFT_SHUTDOWN_TIMEOUT": "0",

@@ -61,7 +61,8 @@ def test_a_projects_queue_routes_its_steps_and_a_step_queue_overrides_it(
     stack: Stack, proxy: AwsProxy
 ) -> None:
     account_a = f"acct-a-{stack.prefix}"
-    ProjectStore(stack.client, Keys(stack.prefix)).put("acct-a", ProjectConfig(queue=account_a))
+    ProjectStore(stack.client, Keys(stack.prefix)).put("acct-a", ProjectConfig(queue=account_a,
+                                                                  allowed_queues=(stack.queue,)))
     stack.start_worker(
         {**FAST_STOP, "AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": KEY_A}, queues=account_a
     )

@@ -275,7 +275,7 @@ def signature_rejected(echo: str = "") -> Any:
 def setup_projects(stack: Stack, parked_queue: str) -> None:
     store = ProjectStore(stack.client, Keys(stack.prefix))
     key = {"credential_provider": "access-key", "access_key_id": KEY_ID, "secret_key_path": SECRET_PATH}
-    store.put("ops", ProjectConfig(**key))
+    store.put("ops", ProjectConfig(**key, allowed_roles=(ROLE,)))
     store.put("missing", ProjectConfig(**{**key, "secret_key_path": MISSING_PATH}))
     store.put("rejected", ProjectConfig(**{**key, "access_key_id": REJECTED_KEY_ID}))
     store.put("parked", ProjectConfig(**key, queue=parked_queue))
@@ -379,3 +379,56 @@ def test_an_error_that_echoes_the_secret_is_masked_in_the_step_record(stack: Sta
 
     dump, _ = redis_dump(stack.redis_url)
     assert leaks(secret, {**dump, "worker logs": stack.worker_logs()}) == []
+
+
+ROLE_HOP = "arn:aws:iam::123456789012:role/secret-scan-hop"
+TEMP_PATH = "keys/project/temp/aws-secret"
+
+
+def refresh_refused(recorded: Recorded) -> Reply | None:
+    """AWS refusing the second hop's AssumeRole (signed with the first hop's temporary credentials) and
+    echoing the request back, headers and all, as a misbehaving endpoint or proxy might."""
+    if recorded.operation != "AssumeRole" or recorded.params.get("RoleArn") != ROLE_HOP:
+        return None
+    echoed = " ".join(f"{name}: {value}" for name, value in recorded.headers.items())
+    body = (
+        '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type>'
+        f"<Code>AccessDenied</Code><Message>{escape('not authorized to assume; request was ' + echoed)}</Message>"
+        "</Error><RequestId>4d2f0c3e-hop</RequestId></ErrorResponse>"
+    )
+    return 403, {"Content-Type": "text/xml"}, body.encode()
+
+
+def test_temporary_credentials_appear_nowhere(stack: Stack, proxy: AwsProxy, published: Published) -> None:
+    """An assumed role's session (``ASIA…`` id, session token, signatures) whose refresh fails: nowhere in clear."""
+    secret, master = new_secret(), new_master_key()
+    env = {**stack.env, **FAST_STOP, "STEPWORKER_KEYSTORE_KEY": master, "AWS_ENDPOINT_URL": proxy.url}
+    assert cli(env, "keys", "put", TEMP_PATH, stdin=secret).returncode == 0
+    ProjectStore(stack.client, Keys(stack.prefix)).put("temp", ProjectConfig(
+        credential_provider="access-key", access_key_id=KEY_ID, secret_key_path=TEMP_PATH, role_arn=ROLE,
+        allowed_roles=(ROLE_HOP,)))
+    proxy.hook = refresh_refused
+    stack.start_worker(env)
+    ok = stack.dispatcher.submit_step("sts.whoami", project="temp")
+    refused = stack.dispatcher.submit_step("sts.whoami", {"role_arn": ROLE_HOP}, project="temp")
+    views = {e: ended(stack, e) for e in (ok, refused)}
+    assert views[ok].status == Status.SUCCEEDED
+    assert views[refused].status == Status.FAILED
+    error = views[refused].steps[0].error
+    assert error is not None
+    assert "AccessDenied" in error["message"]
+    assert "[redacted]" in error["message"]  # the echo reached the record, masked
+
+    temporary = [r for r in proxy.requests if r.access_key_id.startswith("ASIA")]
+    assert {r.operation for r in temporary} >= {"GetCallerIdentity", "AssumeRole"}
+    tokens = {r.headers["X-Amz-Security-Token"] for r in temporary}
+    signatures = {r.headers["Authorization"].rsplit("Signature=", 1)[1] for r in temporary}
+    wanted = {*tokens, *signatures, *{r.access_key_id for r in temporary}, secret}
+
+    texts, _ = redis_dump(stack.redis_url)
+    texts.update({f"published #{n}": m for n, m in enumerate(list(published.messages))})
+    texts["worker logs"] = stack.worker_logs()
+    texts.update(cli_outputs(env, [[verb, e, "--json"] for e in (ok, refused) for verb in ("logs", "result")]))
+    assert "sts.whoami" in texts[f"stepworker result {refused} --json (stdout)"]
+    found = {value[:12] + "…": leaks(value, texts) for value in wanted}
+    assert all(not where for where in found.values()), found

@@ -22,6 +22,10 @@ from worker import sandbox
 
 QUERY = "SELECT instance_id, cnt FROM ops.counts"
 URL = "https://us-east-1.console.aws.amazon.com/athena/home?region=us-east-1#/query-editor/history/{}"
+IAM_UNUSED_OK = {
+    "athena.query": {"athena:BatchGetQueryExecution": "called by the fleet's poll coalescer outside the step "
+                     "(worker/quotas/coalesce.py), tested in tests/integration/test_coalesce_e2e.py"},
+}
 
 
 
@@ -356,7 +360,6 @@ def test_batch_states_checks_fifty_ids_per_call(offline: None) -> None:
     assert states["q-0"] == ("SUCCEEDED", "")
     assert "q-59" not in states
     stubber.assert_no_pending_responses()
-    assert_within_iam(QueryAthena, ctx)
 
 
 def test_console_url_matches_the_reference_link() -> None:
@@ -418,3 +421,89 @@ def test_database_may_be_left_out() -> None:
     request = QueryAthena.Params(query=QUERY).start_request("t" * 36)
     assert request["QueryExecutionContext"] == {"Catalog": "AwsDataCatalog"}
     assert "ResultConfiguration" not in request
+
+
+# --- what a real account does that moto does not (issue 15) ------------------------------------------------
+
+
+def failed_retryable(query_id: str, retryable: bool = True) -> dict[str, Any]:
+    """GetQueryExecution of a query Athena failed; AthenaError.Retryable: "True if the query might succeed if
+    resubmitted" (Athena API reference, AthenaError)."""
+    status = {"StateChangeReason": "Query exhausted resources at this scale factor",
+              "AthenaError": {"ErrorCategory": 1, "ErrorType": 1000, "Retryable": retryable,
+                              "ErrorMessage": "Query exhausted resources at this scale factor"}}
+    body = execution("FAILED", **status)
+    body["QueryExecution"]["QueryExecutionId"] = query_id
+    return body
+
+
+def test_a_retryable_failure_is_resubmitted_with_a_token_of_its_own(offline: None) -> None:
+    """Stubber (moto never fails a query). Finding 2: ClientRequestToken — "If another StartQueryExecution
+    request is received, the same response is returned and another query is not created" — so resubmitting
+    with the step's token would hand back the failed query; each attempt sends a new token."""
+    ctx = LocalContext()
+    ctx.state.update(query_id="q-1", last_state="RUNNING")
+    stubber = stubbed(ctx)
+    stubber.add_response("get_query_execution", failed_retryable("q-1"), {"QueryExecutionId": "q-1"})
+    stubber.add_response("start_query_execution", {"QueryExecutionId": "q-2"},
+                         {"QueryString": QUERY, "QueryExecutionContext": {"Catalog": "AwsDataCatalog"},
+                          "WorkGroup": "primary", "ClientRequestToken": f"{ctx.token}-resubmit-1"})
+    params = QueryAthena.Params(query=QUERY, resubmits=1)
+    with capture_logs() as logs:
+        outcome = QueryAthena().run(ctx, params)
+    assert outcome == Poll(state={"query_id": "q-2"})
+    assert any(entry["event"] == "athena.resubmitting" for entry in logs)
+    ctx.state.update(outcome.state)
+    stubber.add_response("get_query_execution", failed_retryable("q-2"), {"QueryExecutionId": "q-2"})
+    with pytest.raises(RemoteFailed, match="ended FAILED: Query exhausted resources"):
+        QueryAthena().run(ctx, params)  # the budget (one resubmit) is spent
+    stubber.assert_no_pending_responses()
+
+
+def test_a_failure_athena_does_not_mark_retryable_is_not_resubmitted(offline: None) -> None:
+    ctx = LocalContext()
+    ctx.state.update(query_id="q-1")
+    stubbed(ctx).add_response("get_query_execution", failed_retryable("q-1", retryable=False))
+    with pytest.raises(RemoteFailed):
+        QueryAthena().run(ctx, QueryAthena.Params(query=QUERY))
+
+
+def utility_results(statement: str, columns: list[str], cells: list[list[str]]) -> tuple[dict[str, Any], ...]:
+    """A SUCCEEDED execution of ``statement`` type and its one page of rows, as Athena returns them."""
+    done = execution("SUCCEEDED")
+    done["QueryExecution"]["StatementType"] = statement
+    page = {"ResultSet": {
+        "Rows": [{"Data": [{"VarCharValue": v} for v in row]} for row in cells],
+        "ResultSetMetadata": {"ColumnInfo": [{"Name": name, "Type": "string"} for name in columns]},
+    }}
+    return done, page
+
+
+def test_describe_rows_are_split_into_their_columns(offline: None) -> None:
+    """Stubber (moto's results are what the test seeds). Finding 12: StatementType "UTILITY indicates query
+    statements other than DDL and DML, such as SHOW CREATE TABLE, EXPLAIN, DESCRIBE, or SHOW TABLES" (Athena
+    API reference); their rows come back as one tab-joined cell while ColumnInfo names three columns."""
+    ctx = LocalContext()
+    ctx.state.update(query_id="q-1")
+    stubber = stubbed(ctx)
+    done, page = utility_results("UTILITY", ["col_name", "data_type", "comment"],
+                                 [["instance_id         \tstring              \t                    "],
+                                  ["cnt                 \tbigint              \tper hour            "]])
+    stubber.add_response("get_query_execution", done)
+    stubber.add_response("get_query_results", page)
+    QueryAthena().run(ctx, QueryAthena.Params(query="DESCRIBE ops.counts"))
+    assert ctx.columns == ["col_name", "data_type", "comment"]
+    assert ctx.rows == [["instance_id", "string", ""], ["cnt", "bigint", "per hour"]]
+
+
+def test_a_utility_first_row_equal_to_the_column_names_is_kept(offline: None) -> None:
+    """Finding 12: only DML results start with a header row; SHOW TABLES of a table named like its column
+    must keep it."""
+    ctx = LocalContext()
+    ctx.state.update(query_id="q-1")
+    stubber = stubbed(ctx)
+    done, page = utility_results("UTILITY", ["tab_name"], [["tab_name"], ["counts"]])
+    stubber.add_response("get_query_execution", done)
+    stubber.add_response("get_query_results", page)
+    QueryAthena().run(ctx, QueryAthena.Params(query="SHOW TABLES IN ops"))
+    assert ctx.rows == [["tab_name"], ["counts"]]

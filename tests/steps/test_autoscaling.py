@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import boto3
@@ -13,8 +15,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from steps.autoscaling import UpdateAutoScalingGroup, _disorder
-from steps.base import Poll
-from steps.errors import Permanent
+from steps.base import Done, Poll
+from steps.errors import Permanent, RemoteFailed
 from tests.harness import LocalContext, assert_within_iam, run_step
 
 AMI = "ami-12c6146b"  # moto's documented default AMI
@@ -188,12 +190,14 @@ def test_wait_keeps_polling_while_instances_join_or_leave(stubbed: tuple[Any, St
     client, stubber = stubbed
     ctx = LocalContext(clients={"autoscaling": client})
     before = {"min_size": 0, "max_size": 5, "desired_capacity": 1, "instances": 1, "in_service": 1}
-    ctx.state.update(before=before, updated=True)
+    ctx.state.update(before=before, updated=True, updated_at=time.time())
     by_name = {"AutoScalingGroupNames": [GROUP]}
     stubber.add_response("describe_auto_scaling_groups", group(2, "InService", "Pending"), by_name)
+    stubber.add_response("describe_scaling_activities", {"Activities": []})
     stubber.add_response(
         "describe_auto_scaling_groups", group(2, "InService", "InService", "Terminating"), by_name
     )
+    stubber.add_response("describe_scaling_activities", {"Activities": []})
     stubber.add_response("describe_auto_scaling_groups", group(2, "InService", "InService"), by_name)
     params = UpdateAutoScalingGroup.Params(group_name=GROUP, desired_capacity=2, wait=True)
 
@@ -217,6 +221,7 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "max_size": SIZE,
     "desired_capacity": SIZE,
     "wait": mostly([True, False], ["yes"]),
+    "wait_seconds": mostly([None, 30, 900], [0, "soon"]),
     "region": mostly(["us-east-1", None], ["mars"]),
     "access_key_id": mostly([None, "AKIAIOSFODNN7EXAMPLE"], ["short"]),
     "secret_key_path": mostly([None, "keys/project/ops/aws-secret"], ["a/../b"]),
@@ -245,3 +250,78 @@ def test_params_fuzz_validates_or_rejects_cleanly(payload: dict[str, Any]) -> No
     assert _disorder(params.given()) is None
     request = params.model_dump(by_alias=True, exclude_none=True, include={"group_name", *params.given()})
     assert request["AutoScalingGroupName"] == params.group_name
+
+
+# --- what a real account does that moto does not (issue 15) ------------------------------------------------
+
+
+def test_a_new_min_above_the_current_desired_is_accepted(asg: Any) -> None:
+    """Finding 3 (moto: min 1, max 3, desired 2). UpdateAutoScalingGroup: "If you specify a new value for
+    MinSize without specifying a value for DesiredCapacity, and the new MinSize is larger than the current size
+    of the group, this sets the group's DesiredCapacity to the new MinSize value." """
+    done, _ = run_step(UpdateAutoScalingGroup, {"group_name": GROUP, "min_size": 3})
+    assert done.outputs["after"]["min_size"] == 3
+    done, _ = run_step(UpdateAutoScalingGroup, {"group_name": GROUP, "max_size": 1, "min_size": 1})
+    assert done.outputs["after"]["max_size"] == 1
+
+
+def weighted(desired: int, *weights: str, capacity_type: str | None = None) -> dict[str, Any]:
+    """A group whose InService instances carry WeightedCapacity ("the number of capacity units contributed
+    by the instance based on its instance type"), as with instance weights or a DesiredCapacityType."""
+    body = group(desired, *(["InService"] * len(weights)))
+    for instance, weight in zip(body["AutoScalingGroups"][0]["Instances"], weights, strict=True):
+        instance["WeightedCapacity"] = weight
+    if capacity_type:
+        body["AutoScalingGroups"][0]["DesiredCapacityType"] = capacity_type
+    return body
+
+
+def waiting(client: Any, **state: Any) -> LocalContext:
+    ctx = LocalContext(clients={"autoscaling": client})
+    before = {"min_size": 0, "max_size": 5, "desired_capacity": 1, "instances": 1, "in_service": 1}
+    ctx.state.update({"before": before, "updated": True, "updated_at": time.time(), **state})
+    return ctx
+
+
+def test_a_weighted_group_settles_on_capacity_units(stubbed: tuple[Any, Stubber]) -> None:
+    """Stubber (moto has no weights). Finding 4: desired 4 units from two instances of weight 2, and 8 vCPUs
+    from two 4-vCPU instances, are settled; counting instances (2) against 4 or 8 would poll forever."""
+    client, stubber = stubbed
+    stubber.add_response("describe_auto_scaling_groups", weighted(4, "2", "2"))
+    stubber.add_response("describe_auto_scaling_groups", weighted(8, "4", "4", capacity_type="vcpu"))
+    params = UpdateAutoScalingGroup.Params(group_name=GROUP, desired_capacity=4, wait=True)
+    for _ in range(2):
+        assert isinstance(UpdateAutoScalingGroup().run(waiting(client), params), Done)
+
+
+def test_a_failed_launch_fails_the_wait(stubbed: tuple[Any, Stubber]) -> None:
+    """Stubber (moto's launches never fail). Finding 4: DescribeScalingActivities — "If an attempt to launch
+    instances failed, the StatusCode value is Failed or Cancelled and the StatusMessage element in the response
+    indicates the cause of the failure." """
+    client, stubber = stubbed
+    ctx = waiting(client)
+    now = datetime.now(UTC)
+    stubber.add_response("describe_auto_scaling_groups", group(2, "InService"))
+    old = {"ActivityId": "a-0", "AutoScalingGroupName": GROUP, "Cause": "x", "StartTime": now - timedelta(days=1),
+           "StatusCode": "Failed", "StatusMessage": "an old failure", "Progress": 100}
+    new = {**old, "ActivityId": "a-1", "StartTime": now + timedelta(seconds=1),
+           "StatusMessage": "We currently do not have sufficient t3.micro capacity in us-east-1a."}
+    stubber.add_response("describe_scaling_activities", {"Activities": [old]})
+    stubber.add_response("describe_auto_scaling_groups", group(2, "InService"))
+    stubber.add_response("describe_scaling_activities", {"Activities": [new, old]})
+    params = UpdateAutoScalingGroup.Params(group_name=GROUP, desired_capacity=2, wait=True)
+    assert UpdateAutoScalingGroup().run(ctx, params) == Poll()  # an activity from before the update
+    with pytest.raises(RemoteFailed, match=r"sufficient t3\.micro capacity"):
+        UpdateAutoScalingGroup().run(ctx, params)
+
+
+def test_a_wait_that_never_settles_ends_at_its_deadline(stubbed: tuple[Any, Stubber]) -> None:
+    """Finding 4: the wait had no bound at all; now wait_seconds (default 900) ends it."""
+    client, stubber = stubbed
+    ctx = waiting(client, updated_at=time.time() - 901)
+    stubber.add_response("describe_auto_scaling_groups", group(2, "InService"))
+    stubber.add_response("describe_scaling_activities", {"Activities": []})
+    params = UpdateAutoScalingGroup.Params(group_name=GROUP, desired_capacity=2, wait=True)
+    assert params.wait_seconds == 900
+    with pytest.raises(RemoteFailed, match="did not settle within 900 s"):
+        UpdateAutoScalingGroup().run(ctx, params)

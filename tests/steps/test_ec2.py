@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from steps.base import Done, Poll, Step
 from steps.ec2 import DELIVERY_TAG, RebootInstances, StartInstances, StopInstances, TerminateInstances
 from steps.ec2_images import CaptureSnapshot, CreateInstancesFromSnapshot
-from steps.errors import Permanent, RemoteFailed, Transient
+from steps.errors import Permanent, RemoteFailed
 from tests.harness import LocalContext, assert_within_iam, run_step
 
 # moto's documented default AMI (EXAMPLE_AMI_ID in moto's own tests); it is among the canned images.
@@ -99,7 +99,7 @@ def test_stop_then_start_waits_and_reports_states(ec2: Any) -> None:
     assert ctx.checkpoints[1]["started"] is True
     assert ctx.tables[0][0] == "AWS / VM / Stop"
     assert ctx.tables[0][1] == ["Instance ID", "Previous State", "Current State"]
-    assert ctx.calls == ["ec2:StopInstances", "ec2:DescribeInstances"]
+    assert ctx.calls == ["ec2:DescribeInstances", "ec2:StopInstances", "ec2:DescribeInstances"]
     assert_within_iam(StopInstances, ctx)
 
     done, ctx = run_step(StartInstances, {"instance_ids": ids})
@@ -117,7 +117,9 @@ def test_start_waits_for_status_checks_when_asked(ec2: Any) -> None:
     assert done.outputs["instances"] == [
         {"instance_id": instance, "previous": "stopped", "current": "running"}
     ]
-    assert ctx.calls == ["ec2:StartInstances", "ec2:DescribeInstances", "ec2:DescribeInstanceStatus"]
+    assert ctx.calls == [
+        "ec2:DescribeInstances", "ec2:StartInstances", "ec2:DescribeInstances", "ec2:DescribeInstanceStatus"
+    ]
     assert_within_iam(StartInstances, ctx)
 
 
@@ -129,7 +131,7 @@ def test_without_wait_the_first_phase_is_done(ec2: Any) -> None:
     assert done.outputs["instances"] == [
         {"instance_id": instance, "previous": "running", "current": "stopping"}
     ]
-    assert ctx.calls == ["ec2:StopInstances"]
+    assert ctx.calls == ["ec2:DescribeInstances", "ec2:StopInstances"]
 
 
 def test_redelivered_phase_does_not_repeat_the_request(ec2: Any) -> None:
@@ -227,7 +229,8 @@ def test_terminate_dry_run_reports_and_changes_nothing(ec2: Any) -> None:
 
     done, ctx = run_step(TerminateInstances, {"instance_ids": ids, "dry_run": True})
 
-    assert done.outputs == {"dry_run": True, "would_succeed": True, "instance_ids": ids}
+    assert done.outputs == {"dry_run": True, "permission_ok": True, "protected": [], "would_succeed": True,
+                            "instance_ids": ids}
     assert set(states(ec2, ids).values()) == {"running"}
     assert_within_iam(TerminateInstances, ctx)
 
@@ -257,7 +260,7 @@ def test_still_pending_polls_again_and_a_wrong_turn_fails(stubbed: tuple[Any, St
     stubber.add_response("describe_instances", described((I1, "pending")), {"InstanceIds": [I1]})
     stubber.add_response("describe_instances", described((I1, "terminated")), {"InstanceIds": [I1]})
 
-    assert phase(StartInstances, {"instance_ids": [I1]}, ctx) == Poll(state={"stage": 0})
+    assert phase(StartInstances, {"instance_ids": [I1]}, ctx) == Poll(state={"stage": 0, "polls": 1})
     with pytest.raises(RemoteFailed, match=f"waiting for running, but {I1} is terminated"):
         phase(StartInstances, {"instance_ids": [I1]}, ctx)
 
@@ -294,8 +297,8 @@ def test_status_ok_stage_waits_for_every_instance(stubbed: tuple[Any, Stubber]) 
     )
     params = {"instance_ids": [I1, I2], "wait_for_status_ok": True}
 
-    assert phase(StartInstances, params, ctx) == Poll(state={"stage": 1})
-    assert phase(StartInstances, params, ctx) == Poll(state={"stage": 1})
+    assert phase(StartInstances, params, ctx) == Poll(state={"stage": 1, "polls": 1})
+    assert phase(StartInstances, params, ctx) == Poll(state={"stage": 1, "polls": 2})
     with pytest.raises(RemoteFailed, match=f"{I2} is stopped"):
         phase(StartInstances, params, ctx)
 
@@ -343,7 +346,12 @@ def test_capture_snapshot_of_an_instance_covers_every_volume_once(ec2: Any) -> N
     assert extra in {s["volume_id"] for s in done.outputs["snapshots"]}
     assert again.outputs == done.outputs
     assert "ec2:CreateSnapshot" not in replay.calls
+    assert "ec2:CreateSnapshots" not in replay.calls
     assert len(token_snapshots(ec2, ctx.token)) == 2
+    # Finding 13: CreateSnapshots "Creates crash-consistent snapshots of multiple EBS volumes attached to an
+    # Amazon EC2 instance"; one CreateSnapshot per volume took them at different moments.
+    assert ctx.calls.count("ec2:CreateSnapshots") == 1
+    assert "ec2:CreateSnapshot" not in ctx.calls
     assert_within_iam(CaptureSnapshot, ctx)
 
 
@@ -401,6 +409,7 @@ def test_create_from_snapshot_registers_once_and_launches_once(ec2: Any) -> None
     ec2.create_key_pair(KeyName="ops")
     params = {
         "snapshot_id": snapshot,
+        "architecture": "x86_64",
         "instance_type": "t3.micro",
         "count": 2,
         "subnet_id": subnet,
@@ -438,7 +447,7 @@ def test_create_from_image_skips_registration(ec2: Any) -> None:
 
     assert done.outputs["image_id"] == AMI
     assert len(done.outputs["instance_ids"]) == 1
-    assert ctx.calls == ["ec2:DescribeInstances", "ec2:RunInstances"]
+    assert ctx.calls == ["ec2:DescribeImages", "ec2:DescribeInstances", "ec2:RunInstances"]
 
 
 def test_create_from_snapshot_resumes_after_registering(ec2: Any) -> None:
@@ -447,12 +456,20 @@ def test_create_from_snapshot_resumes_after_registering(ec2: Any) -> None:
     snapshot = root_snapshot(ec2)
 
     done, ctx = run_step(
-        CreateInstancesFromSnapshot, {"snapshot_id": snapshot, "instance_type": "t3.micro"}, ctx
+        CreateInstancesFromSnapshot,
+        {"snapshot_id": snapshot, "architecture": "x86_64", "instance_type": "t3.micro"},
+        ctx,
     )
 
     assert done.outputs["image_id"] == AMI
     assert "ec2:RegisterImage" not in ctx.calls
-    assert "ec2:DescribeImages" not in ctx.calls
+    assert ctx.calls.count("ec2:DescribeImages") == 1  # its state, not a search by name
+
+
+def image(image_id: str, state: str, platform: str = "Linux/UNIX") -> dict[str, Any]:
+    """A DescribeImages response for one AMI in ``state``."""
+    return {"Images": [{"ImageId": image_id, "State": state, "PlatformDetails": platform,
+                        "StateReason": {"Code": "x", "Message": "snapshot is not bootable"}}]}
 
 
 def test_create_from_snapshot_request_shape(stubbed: tuple[Any, Stubber]) -> None:
@@ -479,6 +496,8 @@ def test_create_from_snapshot_request_shape(stubbed: tuple[Any, Stubber]) -> Non
             "TagSpecifications": ANY,
         },
     )
+    stubber.add_response("describe_images", image("ami-0123456789abcdef0", "available"),
+                         {"ImageIds": ["ami-0123456789abcdef0"]})
     stubber.add_response("describe_instances", {"Reservations": []}, {"Filters": ANY})
     stubber.add_response(
         "run_instances",
@@ -519,8 +538,8 @@ def test_create_from_snapshot_waits_through_pending_and_invisible(stubbed: tuple
     )
     params = {"image_id": AMI, "instance_type": "t3.micro"}
 
-    with pytest.raises(Transient, match="not visible yet"):
-        phase(CreateInstancesFromSnapshot, params, ctx)
+    # Finding 5: a NotFound for instances this step launched is one more poll, not a spent retry.
+    assert phase(CreateInstancesFromSnapshot, params, ctx) == Poll(state={"not_visible": 1}, after=5.0)
     assert phase(CreateInstancesFromSnapshot, params, ctx) == Poll()
     with pytest.raises(RemoteFailed, match="InsufficientCapacity"):
         phase(CreateInstancesFromSnapshot, params, ctx)
@@ -581,7 +600,9 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
     "role_arn": mostly([None, "arn:aws:iam::123456789012:role/ops"], ["role"]),
     "external_id": mostly([None, "ext-1"], ["x"]),
 }
-for flag in ("wait", "wait_for_status_ok", "allow_many", "force", "dry_run"):
+PLAUSIBLE["boot_mode"] = mostly(["uefi", "legacy-bios", None], ["bios"])
+PLAUSIBLE["platform_details"] = mostly(["Linux/UNIX", None], ["x" * 65])
+for flag in ("wait", "wait_for_status_ok", "allow_many", "force", "dry_run", "ena_support"):
     PLAUSIBLE[flag] = mostly([True, False], ["yes please"])
 STEPS = [
     StartInstances,
@@ -622,3 +643,142 @@ def test_params_fuzz_validates_or_rejects_cleanly(step: type[Step]) -> None:
             assert (params.snapshot_id is None) != (params.image_id is None)
 
     check()
+
+
+# --- what a real account does that moto does not (issue 15) ------------------------------------------------
+
+
+def test_start_waits_out_a_stopping_instance_before_starting(stubbed: tuple[Any, Stubber]) -> None:
+    """Stubber (moto's transitions are immediate). Finding 6: StartInstances on a stopping instance fails
+    with IncorrectInstanceState (StartInstances: "make sure it is in a state from which it can be
+    restarted"), so the step describes first and polls through the transition."""
+    client, stubber = stubbed
+    ctx = LocalContext(clients={"ec2": client})
+    stubber.add_response("describe_instances", described((I1, "stopping")), {"InstanceIds": [I1]})
+    stubber.add_response("describe_instances", described((I1, "stopped")), {"InstanceIds": [I1]})
+    change = {"InstanceId": I1, "PreviousState": {"Name": "stopped", "Code": 80},
+              "CurrentState": {"Name": "pending", "Code": 0}}
+    stubber.add_response("start_instances", {"StartingInstances": [change]}, {"InstanceIds": [I1]})
+
+    assert phase(StartInstances, {"instance_ids": [I1]}, ctx) == Poll(after=5.0)
+    assert "started" not in ctx.state
+    outcome = phase(StartInstances, {"instance_ids": [I1]}, ctx)
+    assert isinstance(outcome, Poll)
+    assert outcome.state["started"] is True
+
+
+def test_a_transition_that_starts_after_the_describe_is_waited_out_too(stubbed: tuple[Any, Stubber]) -> None:
+    """Finding 6: the instance began stopping between the describe and StartInstances (IncorrectInstanceState)."""
+    client, stubber = stubbed
+    ctx = LocalContext(clients={"ec2": client})
+    stubber.add_response("describe_instances", described((I1, "running")), {"InstanceIds": [I1]})
+    stubber.add_client_error("start_instances", service_error_code="IncorrectInstanceState")
+    stubber.add_response("describe_instances", described((I1, "stopping")), {"InstanceIds": [I1]})
+    assert phase(StartInstances, {"instance_ids": [I1]}, ctx) == Poll(after=5.0)
+    assert ctx.state["requesting"] is False
+
+
+def test_stop_waits_out_a_pending_instance_before_stopping(stubbed: tuple[Any, Stubber]) -> None:
+    """Finding 6: StopInstances on a pending instance fails with IncorrectInstanceState."""
+    client, stubber = stubbed
+    ctx = LocalContext(clients={"ec2": client})
+    stubber.add_response("describe_instances", described((I1, "pending")), {"InstanceIds": [I1]})
+    assert phase(StopInstances, {"instance_ids": [I1]}, ctx) == Poll(after=5.0)
+
+
+def test_a_start_that_falls_back_to_stopped_fails_with_its_reason(stubbed: tuple[Any, Stubber]) -> None:
+    """Stubber. Finding 7: botocore's InstanceRunning waiter fails on shutting-down, terminated and stopping,
+    not on stopped, so a start that fails between polls and returns to stopped would be waited on forever."""
+    client, stubber = stubbed
+    ctx = LocalContext(clients={"ec2": client})
+    ctx.state.update(started=True, changes=[{"instance_id": I1, "previous": "stopped", "current": "pending"}])
+    stubber.add_response("describe_instances", described((I1, "pending")), {"InstanceIds": [I1]})
+    stubber.add_response("describe_instances", described((I1, "stopped")), {"InstanceIds": [I1]})
+    stubber.add_response("describe_instances",
+                         described((I1, "stopped"), reason="Server.InsufficientInstanceCapacity"))
+    ctx.state.update(phase(StartInstances, {"instance_ids": [I1]}, ctx).state)  # type: ignore[union-attr]
+    with pytest.raises(RemoteFailed, match="InsufficientInstanceCapacity"):
+        phase(StartInstances, {"instance_ids": [I1]}, ctx)
+
+
+def test_terminate_with_protection_reports_each_instance(stubbed: tuple[Any, Stubber]) -> None:
+    """Stubber. Finding 8: TerminateInstances — "If you terminate multiple instances across multiple
+    Availability Zones, and one or more of the specified instances are enabled for termination protection, the
+    request fails" while instances in other zones are terminated: the error says where each one is."""
+    client, stubber = stubbed
+    stubber.add_client_error("terminate_instances", service_error_code="OperationNotPermitted",
+                             service_message=f"The instance '{I2}' may not be terminated.")
+    stubber.add_response("describe_instances", described((I1, "shutting-down"), (I2, "running")))
+    ctx = LocalContext(clients={"ec2": client})
+    with pytest.raises(RemoteFailed, match=f"{I1} is shutting-down, {I2} is running"):
+        phase(TerminateInstances, {"instance_ids": [I1, I2]}, ctx)
+
+
+def test_terminate_dry_run_also_checks_termination_protection(ec2: Any) -> None:
+    """Finding 8: DryRun proves only the permission; protection is the disableApiTermination attribute."""
+    ids = launch(ec2, 2)
+    ec2.modify_instance_attribute(InstanceId=ids[1], DisableApiTermination={"Value": True})
+    done, _ = run_step(TerminateInstances, {"instance_ids": ids, "dry_run": True})
+    assert done.outputs["permission_ok"] is True
+    assert done.outputs["protected"] == [ids[1]]
+    assert done.outputs["would_succeed"] is False
+
+
+def test_a_snapshot_not_yet_visible_is_one_more_poll(stubbed: tuple[Any, Stubber]) -> None:
+    """Stubber (moto is consistent at once). Finding 5: "The Amazon EC2 API follows an eventual consistency
+    model due to the distributed nature of the system supporting it" (EC2 API reference), so right after
+    CreateSnapshot, InvalidSnapshot.NotFound for the id it returned is one more poll."""
+    client, stubber = stubbed
+    ctx = LocalContext(clients={"ec2": client})
+    ctx.state.update(created=True, snapshots={"vol-0123456789abcdef0": "snap-0123456789abcdef0"})
+    stubber.add_client_error("describe_snapshots", service_error_code="InvalidSnapshot.NotFound")
+    outcome = phase(CaptureSnapshot, {"volume_id": "vol-0123456789abcdef0"}, ctx)
+    assert outcome == Poll(state={"not_visible": 1}, after=5.0)
+
+
+def test_the_launch_waits_until_the_new_ami_is_available(stubbed: tuple[Any, Stubber]) -> None:
+    """Stubber. Finding 5: InvalidAMIID.NotFound right after RegisterImage (eventual consistency, as above),
+    then pending; RunInstances only once Images[].State is "available" (botocore's ImageAvailable waiter)."""
+    client, stubber = stubbed
+    ctx = LocalContext(clients={"ec2": client})
+    ctx.state["image_id"] = "ami-0123456789abcdef0"
+    stubber.add_client_error("describe_images", service_error_code="InvalidAMIID.NotFound")
+    stubber.add_response("describe_images", image("ami-0123456789abcdef0", "pending"))
+    stubber.add_response("describe_images", image("ami-0123456789abcdef0", "available"))
+    stubber.add_response("describe_instances", {"Reservations": []})
+    stubber.add_response("run_instances", described((I1, "pending"))["Reservations"][0])
+    params = {"snapshot_id": "snap-0123456789abcdef0", "architecture": "x86_64", "instance_type": "t3.micro"}
+    assert phase(CreateInstancesFromSnapshot, params, ctx) == Poll(state={"not_visible": 1}, after=5.0)
+    assert phase(CreateInstancesFromSnapshot, params, ctx) == Poll(
+        state={"image_id": "ami-0123456789abcdef0"}, after=10.0)
+    outcome = phase(CreateInstancesFromSnapshot, params, ctx)
+    assert isinstance(outcome, Poll)
+    assert outcome.state["instances"][0]["instance_id"] == I1
+
+
+def test_register_sends_boot_mode_and_ena_and_refuses_a_wrong_platform(stubbed: tuple[Any, Stubber]) -> None:
+    """Stubber. Finding 9: boot mode, ENA and architecture are the caller's to say, and an AMI whose
+    PlatformDetails is not the expected one is refused before anything is launched."""
+    client, stubber = stubbed
+    ctx = LocalContext(clients={"ec2": client})
+    stubber.add_response("describe_images", {"Images": []}, {"Owners": ["self"], "Filters": ANY})
+    stubber.add_response("register_image", {"ImageId": "ami-0123456789abcdef0"}, {
+        "Name": ANY, "Description": ANY, "Architecture": "arm64", "RootDeviceName": "/dev/xvda",
+        "VirtualizationType": "hvm", "EnaSupport": False, "BootMode": "uefi", "BlockDeviceMappings": ANY,
+        "TagSpecifications": ANY})
+    stubber.add_response("describe_images", image("ami-0123456789abcdef0", "available", "Windows"))
+    params = {"snapshot_id": "snap-0123456789abcdef0", "architecture": "arm64", "boot_mode": "uefi",
+              "ena_support": False, "platform_details": "Linux/UNIX", "instance_type": "t4g.small"}
+    with pytest.raises(Permanent, match="PlatformDetails 'Windows', not 'Linux/UNIX'"):
+        phase(CreateInstancesFromSnapshot, params, ctx)
+    with pytest.raises(ValidationError, match="give architecture"):
+        CreateInstancesFromSnapshot.Params.model_validate({"snapshot_id": "snap-0123456789abcdef0",
+                                                           "instance_type": "t3.micro"})
+
+
+def test_the_launch_can_wait_for_status_checks(ec2: Any) -> None:
+    """Finding 9: running is not booted; wait_for_status_ok waits for the instance and system checks."""
+    done, ctx = run_step(CreateInstancesFromSnapshot,
+                         {"image_id": AMI, "instance_type": "t3.micro", "wait_for_status_ok": True})
+    assert len(done.outputs["instance_ids"]) == 1
+    assert "ec2:DescribeInstanceStatus" in ctx.calls

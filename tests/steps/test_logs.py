@@ -477,7 +477,7 @@ def test_bad_query_params_are_rejected(payload: dict[str, Any], fragment: str) -
 @pytest.mark.parametrize(
     ("payload", "fragment"),
     [
-        ({"query_name": "q", "past": 5, "log_group_names": [f"/g{n}" for n in range(21)]}, "at most 20"),
+        ({"query_name": "q", "past": 5, "log_group_names": [f"/g{n}" for n in range(51)]}, "at most 50"),
         ({"query_name": "q", "query_path": "/infra", "past": 5}, "String should match pattern"),
         ({"query_name": "q", "query_path": "infra/", "past": 5}, "String should match pattern"),
         ({"query_name": "q" * 200, "query_path": "p" * 60, "past": 5}, "longer than"),
@@ -502,3 +502,68 @@ def test_relative_window_ends_now_and_naive_times_are_utc() -> None:
 def test_create_stream_rejects_bad_names() -> None:
     with pytest.raises(ValidationError, match="String should match pattern"):
         CreateLogStream.Params.model_validate({"log_group_name": "/a", "log_stream_name": "bad:name"})
+
+
+# --- what a real account does that moto does not (issue 15) ------------------------------------------------
+
+
+def test_saved_sql_and_source_queries_run_without_log_group_names(offline: None) -> None:
+    """Stubber. Finding 10: StartQuery needs log groups — "The exception is queries using the OpenSearch
+    Service SQL query language, where you specify the log group names inside the querystring instead of
+    here" — and a Logs Insights QL query can name them itself with SOURCE."""
+    for saved in (
+        {**definition("sql"), "queryLanguage": "SQL", "queryString": "SELECT * FROM `/app/web` LIMIT 5"},
+        {**definition("source"), "queryString": "SOURCE logGroups(namePrefix: ['/app']) | fields @message"},
+    ):
+        ctx = LocalContext()
+        stubber = stubbed(ctx)
+        stubber.add_response("describe_query_definitions", {"queryDefinitions": [saved]})
+        expected = {"queryString": saved["queryString"], "startTime": ANY, "endTime": ANY}
+        if "queryLanguage" in saved:
+            expected["queryLanguage"] = saved["queryLanguage"]
+        stubber.add_response("start_query", {"queryId": "lq-1"}, expected)
+        assert RunSavedQuery().run(ctx, RunSavedQuery.Params(query_name=saved["name"], past=5)) == Poll(
+            state={"query_id": "lq-1"})
+        stubber.assert_no_pending_responses()
+
+
+def test_saved_query_placeholders_are_filled(offline: None) -> None:
+    """Stubber. Finding 10: QueryParameter — "placeholder variables that you can reference in a query string
+    using the {{parameterName}} syntax. Each parameter can include a default value"; sending them unfilled
+    makes Logs Insights fail the query."""
+    saved = {**definition("by-status", ["/app/web"]),
+             "queryString": "fields @message | filter status = {{status}} and host = '{{ host }}'",
+             "parameters": [{"name": "status"}, {"name": "host", "defaultValue": "web-1"}]}
+    ctx = LocalContext()
+    stubber = stubbed(ctx)
+    stubber.add_response("describe_query_definitions", {"queryDefinitions": [saved]})
+    stubber.add_response("start_query", {"queryId": "lq-1"}, {
+        "logGroupNames": ["/app/web"], "startTime": ANY, "endTime": ANY,
+        "queryString": "fields @message | filter status = 500 and host = 'web-1'"})
+    RunSavedQuery().run(ctx, RunSavedQuery.Params(query_name="by-status", past=5, parameters={"status": "500"}))
+    stubber.assert_no_pending_responses()
+
+    ctx = LocalContext()
+    stubbed(ctx).add_response("describe_query_definitions", {"queryDefinitions": [saved]})
+    with pytest.raises(Permanent, match="give parameters for status"):
+        RunSavedQuery().run(ctx, RunSavedQuery.Params(query_name="by-status", past=5))
+
+
+def test_saved_query_takes_up_to_fifty_override_groups() -> None:
+    """Finding 10: StartQuery "You can include up to 50 log groups" (the step capped it at 20)."""
+    groups = [f"/g{n}" for n in range(50)]
+    assert len(RunSavedQuery.Params(query_name="q", past=5, log_group_names=groups).log_group_names or ()) == 50
+
+
+@pytest.mark.parametrize("step", [QueryLogs, RunSavedQuery])
+def test_cancel_of_a_query_that_already_finished_is_not_a_failure(offline: None, step: type[Any]) -> None:
+    """Stubber. Finding 13: StopQuery of a query that is no longer running is refused
+    (InvalidParameterException); the step then has nothing to stop, and says so."""
+    ctx = LocalContext()
+    ctx.state["query_id"] = "lq-1"
+    stubbed(ctx).add_client_error("stop_query", service_error_code="InvalidParameterException",
+                                  service_message="Query lq-1 is not running", expected_params={"queryId": "lq-1"})
+    payload = {"query": "fields a", "log_group_name": "/app/web"} if step is QueryLogs else {"query_name": "q"}
+    with capture_logs() as logs:
+        step().cancel(ctx, step.Params.model_validate({**payload, "past": 5}))
+    assert [entry["event"] for entry in logs] == ["logs.stop_skipped"]

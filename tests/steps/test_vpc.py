@@ -51,10 +51,12 @@ def test_flow_logs_to_cloudwatch(aws: str) -> None:
         "tags": {"team": "ops"},
     }
 
+    boto3.client("logs", region_name="us-east-1").create_log_group(logGroupName="vpc/flow")
     done, ctx = run_step(CreateFlowLogs, params)
 
     assert len(done.outputs["flow_log_ids"]) == 2
     assert done.outputs["destination_type"] == "cloud-watch-logs"
+    assert set(done.outputs["delivery"].values()) == {"SUCCESS"}
     flow_logs = ec2().describe_flow_logs(FlowLogIds=done.outputs["flow_log_ids"])["FlowLogs"]
     assert {f["ResourceId"] for f in flow_logs} == set(vpcs)
     assert {(f["LogGroupName"], f["DeliverLogsPermissionArn"], f["TrafficType"]) for f in flow_logs} == {
@@ -132,6 +134,8 @@ def test_flow_logs_request_shape() -> None:
                 "TagSpecifications": [{"ResourceType": "vpc-flow-log", "Tags": [{"Key": "a", "Value": "b"}]}],
             },
         )
+        stub.add_response("describe_flow_logs", {"FlowLogs": [{"FlowLogId": "fl-1", "DeliverLogsStatus": "SUCCESS"}]},
+                          {"FlowLogIds": ["fl-1"]})
         done, _ = run_step(CreateFlowLogs, params, ctx)
         stub.assert_no_pending_responses()
     assert done.outputs["flow_log_ids"] == ["fl-1"]
@@ -445,3 +449,48 @@ def test_params_fuzz(step: Any, data: st.DataObject) -> None:
     except pydantic.ValidationError:
         return
     assert step.Params.model_validate_json(model.model_dump_json()) == model
+
+
+
+# --- what a real account does that moto does not (issue 15) ------------------------------------------------
+
+
+def cloudwatch_params(vpcs: list[str]) -> dict[str, Any]:
+    return {"resource_ids": vpcs, "resource_type": "vpc", "log_group_name": "vpc/flow", "deliver_logs_role_arn": ROLE}
+
+
+def test_flow_logs_that_cannot_deliver_fail_the_step(aws: str) -> None:
+    """moto (it models this): "API allows to create a FlowLog with a non-existing LogGroup. It however later on
+    reports the FAILED delivery status". Finding 13: the step reported success before DeliverLogsStatus was
+    known; DescribeFlowLogs' DeliverLogsErrorMessage "Access error indicates that the IAM role associated with
+    the flow log does not have sufficient permissions to publish to CloudWatch Logs"."""
+    with pytest.raises(RemoteFailed, match="Access error") as caught:
+        run_step(CreateFlowLogs, cloudwatch_params([vpc("10.0.0.0/16")]))
+    assert caught.value.code == "DeliverLogsFailed"
+
+
+def test_an_identical_existing_flow_log_is_reused_by_a_new_run(aws: str) -> None:
+    """moto raises FlowLogAlreadyExists for the same resource, log group and destination. Finding 13: every
+    re-run of the same job (a new execution, so a new ClientToken) used to fail on it."""
+    boto3.client("logs", region_name="us-east-1").create_log_group(logGroupName="vpc/flow")
+    params = cloudwatch_params([vpc("10.0.0.0/16")])
+    first, _ = run_step(CreateFlowLogs, params)
+    again, ctx = run_step(CreateFlowLogs, params)
+    assert again.outputs["flow_log_ids"] == first.outputs["flow_log_ids"]
+    assert ctx.tables[0][2][0][1] == "exists"
+
+
+def test_an_already_exists_item_among_the_unsuccessful_is_no_refusal() -> None:
+    """Stubber: AWS may list the existing one per resource in Unsuccessful (code FlowLogAlreadyExists)."""
+    client = boto3.client("ec2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+    ctx = LocalContext(clients={"ec2": client})
+    vpc_id = "vpc-0123456789abcdef0"
+    with Stubber(client) as stub:
+        message = "Error. There is an existing Flow Log with the same configuration and log destination."
+        stub.add_response("create_flow_logs", {"FlowLogIds": [], "Unsuccessful": [
+            {"ResourceId": vpc_id, "Error": {"Code": "FlowLogAlreadyExists", "Message": message}}]})
+        stub.add_response("describe_flow_logs", {"FlowLogs": [
+            {"FlowLogId": "fl-9", "ResourceId": vpc_id, "TrafficType": "ALL", "LogGroupName": "vpc/flow"}]})
+        stub.add_response("describe_flow_logs", {"FlowLogs": [{"FlowLogId": "fl-9", "DeliverLogsStatus": "SUCCESS"}]})
+        done, _ = run_step(CreateFlowLogs, cloudwatch_params([vpc_id]), ctx)
+    assert done.outputs["flow_log_ids"] == ["fl-9"]

@@ -427,3 +427,35 @@ def test_unreachable_redis_exits_3(command: click.Command, args: list[str], monk
         get_settings.cache_clear()
     assert result.exit_code == 3, result.output
     assert "cannot reach Redis" in result.stderr
+
+
+def test_keys_new_master_out_writes_an_owner_only_file(tmp_path: Path) -> None:
+    target = tmp_path / "master.key"
+    result = run(keys, "new-master", "--out", str(target))
+    assert result.exit_code == 0, result.stderr
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert len(base64.urlsafe_b64decode(target.read_text().strip())) == 32
+    again = run(keys, "new-master", "--out", str(target))
+    assert again.exit_code == 2
+    assert "refusing to replace" in again.stderr
+
+
+def test_keys_new_master_redirected_to_a_file_makes_it_private(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    target = tmp_path / "redirected.key"
+    with target.open("w") as out:
+        subprocess.run([sys.executable, "-m", "worker.cli", "keys", "new-master"], stdout=out, check=True)
+    assert target.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.usefixtures("env")
+def test_keys_rm_without_the_master_key_exits_2_and_removes_nothing(raw: redis.Redis,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run(keys, "put", "aws/keep", stdin="keep-me").exit_code == 0
+    monkeypatch.delenv("STEPWORKER_KEYSTORE_KEY")
+    get_settings.cache_clear()
+    before = snapshot(raw)
+    refused(run(keys, "rm", "aws/keep"), "no master key")
+    assert snapshot(raw) == before

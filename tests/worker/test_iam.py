@@ -12,7 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 import steps
+from steps import permissions
 from steps.base import Step
+from steps.permissions import Grant
 from worker import iam
 
 DEPLOY_IAM = Path(__file__).resolve().parents[2] / "deploy" / "iam"
@@ -55,10 +57,11 @@ def test_each_step_class_declares_well_formed_actions() -> None:
     assert bad == {}
 
 
-def test_worker_policy_grants_every_step_action_and_the_engine_ones() -> None:
+def test_worker_policy_grants_every_step_action_grant_and_the_engine_ones() -> None:
     granted = set(actions_of(iam.render()["worker-policy.json"]))
     wanted = {action for cls in steps.registry().values() for action in cls.iam_actions}
-    assert wanted | set(iam.ENGINE_ACTIONS) == granted
+    implied = {action for cls in steps.registry().values() for grant in cls.iam_grants for action in grant.actions}
+    assert wanted | implied | set(iam.ENGINE_ACTIONS) == granted
 
 
 def test_one_policy_per_aws_step_type_and_none_for_local_steps() -> None:
@@ -76,18 +79,24 @@ def test_pass_role_is_only_granted_towards_the_services_a_step_hands_roles_to() 
                 assert statement["Action"] == ["iam:PassRole"]
                 assert statement["Condition"]["StringEquals"]["iam:PassedToService"]
     flow_logs = iam.render()["steps/vpc.flow_logs.json"]["Statement"]
-    assert flow_logs[1]["Condition"] == {
-        "StringEquals": {"iam:PassedToService": ["vpc-flow-logs.amazonaws.com"]}
-    }
+    passing = [s for s in flow_logs if s["Action"] == ["iam:PassRole"]]
+    assert [s["Condition"]["StringEquals"]["iam:PassedToService"] for s in passing] == [
+        ["vpc-flow-logs.amazonaws.com"]
+    ]
 
 
-def test_a_new_pass_role_step_must_name_its_service() -> None:
-    class Unlisted(Step):
+def test_a_pass_role_without_a_service_condition_is_refused() -> None:
+    class Listed(Step):
         iam_actions = ("iam:PassRole", "ec2:RunInstances")
 
-    Unlisted.type = "test.unlisted"  # set after class creation, so it never enters the registry
-    with pytest.raises(iam.PolicyError, match="PASS_ROLE_SERVICES"):
-        iam.step_policy([Unlisted])
+    class Unconditioned(Step):
+        iam_actions = ("ec2:RunInstances",)
+        iam_grants = (Grant(("iam:PassRole",), (permissions.ROLE,)),)
+
+    for cls in (Listed, Unconditioned):
+        cls.type = "test.unlisted"  # set after class creation, so it never enters the registry
+        with pytest.raises(iam.PolicyError, match="pass_role"):
+            iam.step_policy([cls])
 
 
 def test_changed_iam_actions_make_the_generated_files_stale(
@@ -151,3 +160,112 @@ def test_iam_accepts_every_document(aws: str) -> None:
         client.create_policy(
             PolicyName="broken", PolicyDocument=json.dumps(iam.policy(iam.statement("X", ["nope"])))
         )
+
+
+# --- linted by parliament, checked against policy_sentry's IAM database ------------------------------------
+
+#: What a deployment substitutes for the placeholders (``envsubst``) before it creates the policies.
+DEPLOYMENT = {"${AWS_ACCOUNT_ID}": "123456789012", "${AWS_REGION}": "us-east-1"}
+
+
+def deployed(document: dict[str, Any]) -> str:
+    """The document's text as a deployment creates it (placeholders filled)."""
+    text = json.dumps(document)
+    for placeholder, value in DEPLOYMENT.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+def identity_policies() -> dict[str, dict[str, Any]]:
+    """Every rendered identity policy (parliament models identity policies, not trust policies)."""
+    return {name: doc for name, doc in iam.render().items() if not name.endswith("trust-policy.json")}
+
+
+@pytest.mark.parametrize("name", sorted(identity_policies()))
+def test_parliament_finds_nothing(name: str) -> None:
+    from parliament import analyze_policy_string  # type: ignore[import-untyped]
+
+    findings = analyze_policy_string(deployed(identity_policies()[name])).findings
+    assert [(f.issue, f.detail) for f in findings] == []
+
+
+
+
+def _resource_formats(action: str) -> list[str]:
+    from policy_sentry.querying.actions import get_action_data
+
+    service, name = action.split(":")
+    rows = (get_action_data(service, name) or {}).get(service, [])
+    assert rows, f"{action} is not in policy_sentry's IAM database"
+    return [row["resource_arn_format"] for row in rows if row["resource_arn_format"] != "*"]
+
+
+def _glob_match(glob: str, text: str) -> bool:
+    return re.fullmatch(".*".join(re.escape(part) for part in glob.split("*")), text) is not None
+
+
+def _matches(resource: str, arn_format: str) -> bool:
+    """Whether the policy's resource can name an ARN of the format, field by field (either side's wildcards)."""
+    ours, theirs = resource.split(":", 5), arn_format.split(":", 5)
+    if len(ours) != 6 or len(theirs) != 6 or ours[2] != theirs[2]:
+        return False
+    for mine, format_part in zip(ours[3:], theirs[3:], strict=True):
+        pattern = re.sub(r"\$\{[A-Za-z]+\}", "*", format_part)
+        if not (_glob_match(pattern, mine.replace("*", "x")) or _glob_match(mine, pattern.replace("*", "x"))):
+            return False
+    return True
+
+
+def test_every_action_exists_and_every_resource_has_its_type() -> None:
+    """policy_sentry ships the IAM database (the service authorization reference) in the package."""
+    problems = []
+    for name, document in identity_policies().items():
+        for stmt in json.loads(deployed(document))["Statement"]:
+            resources = [stmt["Resource"]] if isinstance(stmt["Resource"], str) else stmt["Resource"]
+            for action in stmt["Action"]:
+                formats = _resource_formats(action)
+                ok = any(_matches(r, f) for r in resources for f in formats) if formats else "*" in resources
+                if not ok:
+                    problems.append(f"{name}: {action} on {resources}, wants {formats or ['*']}")
+            for resource in (r for r in resources if r != "*"):
+                if not any(_matches(resource, f) for a in stmt["Action"] for f in _resource_formats(a)):
+                    problems.append(f"{name}: {resource} is no resource type of {stmt['Action']}")
+    assert problems == []
+
+
+def test_athena_policy_lets_athena_read_the_catalog_and_write_the_results() -> None:
+    """Finding 1: GetQueryResults "must have permissions to the Amazon S3 GetObject action for the Athena
+    query results location" (Athena API reference), and Athena reads Glue's catalog as the caller."""
+    granted = set(actions_of(iam.render()["steps/athena.query.json"]))
+    assert {"s3:GetObject", "s3:PutObject", "s3:GetBucketLocation", "glue:GetDatabase", "glue:GetTable",
+            "glue:GetPartitions"} <= granted
+
+
+def test_encrypted_snapshots_and_images_get_kms_through_ec2_only() -> None:
+    for step in ("ec2.capture_snapshot", "ec2.create_from_snapshot"):
+        kms = [s for s in iam.render()[f"steps/{step}.json"]["Statement"] if "kms:CreateGrant" in s["Action"]]
+        assert len(kms) == 1
+        assert kms[0]["Condition"]["StringLike"]["kms:ViaService"] == ["ec2.*.amazonaws.com"]
+
+
+def test_a_jobs_params_scope_the_resources_it_names() -> None:
+    cls = steps.get_step("athena.query")
+    params = cls.Params.model_validate({"query": "SELECT 1", "workgroup": "ops", "database": "logs",
+                                        "output_location": "s3://results-bucket/athena/"})
+    resources = {r for s in iam.step_policy([cls], params)["Statement"] for r in
+                 ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"])}
+    assert {"arn:aws:athena:*:*:workgroup/ops", "arn:aws:s3:::results-bucket",
+            "arn:aws:s3:::results-bucket/athena/*", "arn:aws:glue:*:*:table/logs/*"} <= resources
+    printed = CliRunner().invoke(iam.main, ["--step", "athena.query", "--params", params.model_dump_json()])
+    assert printed.exit_code == 0
+    assert "workgroup/ops" in printed.output
+
+
+def test_the_check_mode_runs_as_a_module() -> None:
+    """What CI runs: ``python -m worker.iam --check`` on the checked-in files."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "worker.iam", "--check", "--out", str(DEPLOY_IAM)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

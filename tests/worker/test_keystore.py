@@ -156,9 +156,10 @@ def test_rotate_keeps_every_value(redis_client: redis.Redis) -> None:
     assert {i.path: i.created for i in keys.list()} == created  # metadata survives
     with pytest.raises(MasterKeyError):
         store(redis_client, old).read("db/password")
-    assert all(
-        json.loads(v)["kid"] == key_id(parse_master_key(new)) for v in redis_client.hgetall("t:keystore").values()
-    )
+    new_kid = key_id(parse_master_key(new))
+    stored = redis_client.hgetall("t:keystore")
+    assert stored.pop("") == new_kid  # the store's master key id moved with the values
+    assert all(json.loads(v)["kid"] == new_kid for v in stored.values())
 
 
 def test_rotate_changes_nothing_when_any_value_cannot_be_decrypted(redis_client: redis.Redis) -> None:
@@ -166,7 +167,10 @@ def test_rotate_changes_nothing_when_any_value_cannot_be_decrypted(redis_client:
     keys = store(redis_client, old)
     for path, value in SECRETS.items():
         keys.put(path, value)
-    store(redis_client, new_master_key()).put("stray/one", "sealed under another key")
+    # A record sealed under another key, written straight into the hash (put itself refuses to split a store)
+    other = RedisKeyStore(redis_client, Keys("other"), parse_master_key(new_master_key()))
+    other.put("stray/one", "sealed under another key")
+    redis_client.hset("t:keystore", "stray/one", str(redis_client.hget("other:keystore", "stray/one")))
     before = redis_client.hgetall("t:keystore")
     with pytest.raises(MasterKeyError, match="stray/one"):
         keys.rotate(new_master_key())
@@ -288,3 +292,85 @@ def test_directory_backend_is_read_only(secrets_dir: Path) -> None:
     with pytest.raises(KeystoreReadOnly):
         keys.rotate(new_master_key())
     assert (secrets_dir / "aws" / "ops" / "secret").exists()
+
+
+# -- the store is one master key's; metadata, prefix and path are bound to each value ---------------------
+
+
+def test_a_put_under_another_master_key_is_refused(redis_client: redis.Redis) -> None:
+    store(redis_client, new_master_key()).put("aws/x", "value-1")
+    before = redis_client.hgetall("t:keystore")
+    with pytest.raises(MasterKeyError, match="refusing to store 'aws/y' under a second master key"):
+        store(redis_client, new_master_key()).put("aws/y", "value-2")
+    assert redis_client.hgetall("t:keystore") == before
+
+
+def test_a_store_written_before_the_marker_still_knows_its_key(redis_client: redis.Redis) -> None:
+    master = new_master_key()
+    store(redis_client, master).put("aws/x", "value-1")
+    redis_client.hdel("t:keystore", "")  # as an older stepworker left it: records only
+    with pytest.raises(MasterKeyError, match="second master key"):
+        store(redis_client, new_master_key()).put("aws/y", "value-2")
+    store(redis_client, master).put("aws/y", "value-2")
+    assert redis_client.hget("t:keystore", "") == key_id(parse_master_key(master))
+
+
+def test_deleting_needs_the_store_master_key(redis_client: redis.Redis) -> None:
+    master = new_master_key()
+    store(redis_client, master).put("aws/x", "value-1")
+    with pytest.raises(MasterKeyError, match="no master key"):
+        RedisKeyStore(redis_client, Keys("t"), None).delete("aws/x")
+    with pytest.raises(MasterKeyError, match="master key id"):
+        store(redis_client, new_master_key()).delete("aws/x")
+    assert store(redis_client, master).read("aws/x") == "value-1"
+    assert store(redis_client, master).delete("aws/x")
+
+
+@pytest.mark.parametrize(("field", "value"), [("size", 3), ("created", "2001-01-01T00:00:00+00:00"),
+                                              ("v", 1)])
+def test_edited_metadata_no_longer_decrypts(redis_client: redis.Redis, field: str, value: Any) -> None:
+    master = new_master_key()
+    keys = store(redis_client, master)
+    keys.put("aws/x", "value-1")
+    record = json.loads(str(redis_client.hget("t:keystore", "aws/x")))
+    redis_client.hset("t:keystore", "aws/x", json.dumps({**record, field: value}))
+    with pytest.raises(KeyUnreadable, match="altered"):
+        keys.read("aws/x")
+    assert [info.verified for info in keys.list()] == [False]
+
+
+def test_a_value_copied_to_another_prefix_does_not_decrypt(redis_client: redis.Redis) -> None:
+    master = new_master_key()
+    store(redis_client, master).put("aws/x", "value-1")
+    redis_client.hset("u:keystore", "aws/x", str(redis_client.hget("t:keystore", "aws/x")))
+    with pytest.raises(KeyUnreadable):
+        RedisKeyStore(redis_client, Keys("u"), parse_master_key(master)).read("aws/x")
+
+
+def test_format_1_records_are_read_and_rotated_to_format_2(redis_client: redis.Redis) -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    master = new_master_key()
+    raw_key, nonce = parse_master_key(master), os.urandom(12)
+    sealed = AESGCM(raw_key).encrypt(nonce, b"legacy-value", b"stepworker-keystore/v1\x00aws/old")
+    redis_client.hset("t:keystore", "aws/old", json.dumps({
+        "v": 1, "alg": "AES-256-GCM", "kid": key_id(raw_key), "created": "2026-01-01T00:00:00+00:00", "size": 12,
+        "nonce": base64.b64encode(nonce).decode(), "ct": base64.b64encode(sealed).decode()}))
+    assert store(redis_client, master).read("aws/old") == "legacy-value"
+    new = new_master_key()
+    assert store(redis_client, master).rotate(new) == 1
+    assert json.loads(str(redis_client.hget("t:keystore", "aws/old")))["v"] == 2
+    assert store(redis_client, new).read("aws/old") == "legacy-value"
+
+
+def test_a_key_file_others_can_read_is_warned_about_or_refused(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    key_file = tmp_path / "master.key"
+    key_file.write_text(new_master_key())
+    key_file.chmod(0o644)
+    assert master_key_from(system(keystore_key_file=key_file)) is not None
+    assert "keystore.key_file_exposed" in caplog.text
+    with pytest.raises(MasterKeyError, match="chmod 600"):
+        master_key_from(system(keystore_key_file=key_file, keystore_key_file_strict=True))
+    key_file.chmod(0o600)
+    assert master_key_from(system(keystore_key_file=key_file, keystore_key_file_strict=True)) is not None

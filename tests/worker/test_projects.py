@@ -33,6 +33,10 @@ def test_fields_are_the_documented_ones() -> None:
         "role_arn",
         "external_id",
         "queue",
+        "node_sources",
+        "key_grants",
+        "allowed_roles",
+        "allowed_queues",
     )
 
 

@@ -23,7 +23,19 @@ from celery.contrib.testing.worker import start_worker
 
 from tests.processes import run_module
 from tests.waiting import wait_until
-from worker.queue_metrics import Backlog, Layout, count_workers, measure, metric_data, publish
+from worker.backlog import Leases
+from worker.keys import Keys
+from worker.publisher_lease import Census, PublisherLease
+from worker.queue_metrics import (
+    LEASE_KEY,
+    Backlog,
+    Layout,
+    count_workers,
+    measure,
+    metric_data,
+    publish,
+    schedule_lag,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUE, OTHER = "qm", "qm-other"
@@ -101,11 +113,12 @@ def test_backlog_counts_waiting_priority_and_unacked_messages_of_a_real_worker(
         workers = count_workers(app, [QUEUE, OTHER], timeout=2.0)
         release.set()
 
-    # Then: nothing is lost from view — what left the lists is counted as unacked: the running task
-    # (prefetch 1) and the three countdown messages the worker holds until their ETA
+    # Then: what left the lists is counted as unacked — the running task (prefetch 1) and the three
+    # countdown messages the worker holds until their ETA — but only the running one is backlog: a new
+    # worker could not take the held polls, which wait for their time, not for capacity
     backlog = during[QUEUE]
-    assert backlog.total == 10
-    assert (backlog.waiting, backlog.unacked, backlog.scheduled) == (6, 4, 3)
+    assert (backlog.waiting, backlog.unacked, backlog.scheduled, backlog.stale) == (6, 4, 3, 0)
+    assert backlog.total == 7
     assert (during[OTHER].waiting, during[OTHER].unacked) == (1, 0)
     assert workers == {QUEUE: 1, OTHER: 0}
 
@@ -132,6 +145,7 @@ def test_backlog_follows_global_keyprefix_and_kombu_unacked_entries(
     assert layout.prefix == "pfx:"
     assert (found[QUEUE].waiting, found[QUEUE].unacked, found[QUEUE].total) == (2, 2, 4)
     assert found[OTHER].total == 0
+    assert layout.unacked_index_key == "unacked_index"
 
 
 def test_scheduled_counts_only_an_eta_still_ahead(redis_client: redis.Redis, redis_url: str) -> None:
@@ -157,10 +171,73 @@ def test_entries_of_unknown_shape_are_skipped(redis_client: redis.Redis) -> None
     assert (found.waiting, found.unacked, found.scheduled) == (0, 1, 0)
 
 
+def test_entries_a_killed_worker_left_count_as_stale_not_backlog(redis_client: redis.Redis, redis_url: str) -> None:
+    # Given two reserved messages — one delivered now, one a countdown whose ETA is 50 s ahead
+    app = make_app(redis_url)
+    app.send_task("qm.any", queue=QUEUE)
+    app.send_task("qm.any", queue=QUEUE, countdown=50)
+    with app.connection_for_read() as connection:
+        channel: Any = connection.default_channel
+        assert all(channel.basic_get(QUEUE, no_ack=False) for _ in range(2))
+        client = redis.Redis(connection_pool=channel.pool)
+        limit = timedelta(seconds=30)
+        # When the worker holding them died: nobody acks them; time passes beyond the task time limit
+        fresh = measure(client, Layout.of(channel), [QUEUE], stale_after=limit)[QUEUE]
+        after_limit = datetime.now(UTC) + timedelta(seconds=40)
+        running_gone = measure(client, Layout.of(channel), [QUEUE], now=after_limit, stale_after=limit)[QUEUE]
+        both_gone = measure(client, Layout.of(channel), [QUEUE], now=after_limit + limit + limit,
+                            stale_after=limit)[QUEUE]
+    # Then each counts as stale once neither its delivery nor its ETA is within the limit
+    assert (fresh.unacked, fresh.scheduled, fresh.stale, fresh.total) == (2, 1, 0, 1)
+    assert (running_gone.scheduled, running_gone.stale, running_gone.total) == (1, 1, 0)
+    assert (both_gone.scheduled, both_gone.stale, both_gone.total) == (0, 2, 0)
+
+
 def test_per_worker_divides_by_consuming_workers_and_never_by_zero() -> None:
     assert Backlog(QUEUE, waiting=6, unacked=4, scheduled=0, workers=4).per_worker == 2.5
     assert Backlog(QUEUE, waiting=6, unacked=4, scheduled=0, workers=0).per_worker == 10
     assert Backlog(QUEUE, waiting=6, unacked=4, scheduled=0).as_dict()["backlog"] == 10
+    assert Backlog(QUEUE, waiting=6, unacked=4, scheduled=3, stale=1).as_dict()["backlog"] == 6
+
+
+def test_census_keeps_a_worker_that_missed_a_broadcast_until_its_memory_runs_out() -> None:
+    now = [0.0]
+    census = Census(memory=90, clock=lambda: now[0])
+    census.update({"w1@a": {QUEUE}, "w2@b": {QUEUE, OTHER}})
+    now[0] = 60
+    census.update({"w1@a": {QUEUE}})  # w2 missed this broadcast
+    assert census.counts([QUEUE, OTHER]) == {QUEUE: 2, OTHER: 1}
+    now[0] = 120
+    census.update({"w1@a": {QUEUE}})  # w2 silent for 120 s: gone
+    assert census.counts([QUEUE, OTHER]) == {QUEUE: 1, OTHER: 0}
+
+
+def test_only_one_publisher_holds_the_lease_and_another_takes_over_when_it_is_released(
+    redis_client: redis.Redis,
+) -> None:
+    first, second = PublisherLease("sw:lease", "a:1", 30), PublisherLease("sw:lease", "b:2", 30)
+    assert first.hold(redis_client)
+    assert not second.hold(redis_client)
+    assert first.hold(redis_client)  # renewing
+    assert 0 < redis_client.pttl("sw:lease") <= 30_000
+    second.release(redis_client)  # not the holder: nothing happens
+    assert not second.hold(redis_client)
+    first.release(redis_client)
+    assert second.hold(redis_client)
+
+
+def test_elected_publishers_sample_one_at_a_time(redis_client: redis.Redis, redis_url: str) -> None:
+    """Two real publisher processes with --elect: one prints the backlog, the other stands by."""
+    env = {**os.environ, "STEPWORKER_REDIS_URL": redis_url, "STEPWORKER_QUEUES": QUEUE}
+    env.pop("STEPWORKER_BROKER_URL", None)
+    redis_client.set(f"sw:{LEASE_KEY}", "another-host:1", px=60_000)
+    standby = run_module("worker.queue_metrics", "--elect", "--inspect-timeout", "0.5", env=env)
+    assert standby.returncode == 0, standby.stderr
+    assert json.loads(standby.stdout)["publisher"] == "standby"
+    redis_client.delete(f"sw:{LEASE_KEY}")
+    leader = run_module("worker.queue_metrics", "--elect", "--inspect-timeout", "0.5", env=env)
+    assert leader.returncode == 0, leader.stderr
+    assert QUEUE in json.loads(leader.stdout)["queues"]
 
 
 def test_publish_puts_backlog_metrics_into_cloudwatch(aws: str) -> None:
@@ -170,9 +247,9 @@ def test_publish_puts_backlog_metrics_into_cloudwatch(aws: str) -> None:
 
     sent = publish(cloudwatch, "StepworkerTest", backlogs, {"Cluster": "prod"})
 
-    assert sent == 8
+    assert sent == 10
     listed = cloudwatch.list_metrics(Namespace="StepworkerTest")["Metrics"]
-    assert {m["MetricName"] for m in listed} == {"Backlog", "BacklogPerWorker", "Scheduled", "Workers"}
+    assert {m["MetricName"] for m in listed} == {"Backlog", "BacklogPerWorker", "Scheduled", "Stale", "Workers"}
     dims = [{"Name": "Queue", "Value": QUEUE}, {"Name": "Cluster", "Value": "prod"}]
     stats = cloudwatch.get_metric_statistics(
         Namespace="StepworkerTest",
@@ -183,12 +260,12 @@ def test_publish_puts_backlog_metrics_into_cloudwatch(aws: str) -> None:
         Period=60,
         Statistics=["Maximum"],
     )
-    assert [point["Maximum"] for point in stats["Datapoints"]] == [5.0]
+    assert [point["Maximum"] for point in stats["Datapoints"]] == [3.5]  # (6 + 4 - 3 held) / 2
 
 
 def test_metric_data_leaves_workers_out_when_not_counted() -> None:
     names = [d["MetricName"] for d in metric_data([Backlog(QUEUE, 1, 0, 0)], {})]
-    assert names == ["Backlog", "BacklogPerWorker", "Scheduled"]
+    assert names == ["Backlog", "BacklogPerWorker", "Scheduled", "Stale"]
 
 
 def test_command_prints_one_json_line_per_sample(redis_client: redis.Redis, redis_url: str) -> None:
@@ -204,6 +281,7 @@ def test_command_prints_one_json_line_per_sample(redis_client: redis.Redis, redi
         "waiting": 1,
         "unacked": 0,
         "scheduled": 0,
+        "stale": 0,
         "workers": 0,
         "backlog": 1,
         "backlog_per_worker": 1.0,
@@ -216,3 +294,38 @@ def test_command_rejects_a_malformed_dimension(redis_url: str) -> None:
     done = run_module("worker.queue_metrics", "--dimension", "oops", env=env)
     assert done.returncode == 2
     assert "Name=Value" in done.stderr
+
+
+def test_schedule_lag_is_how_far_the_most_overdue_step_is_past_due(redis_client: redis.Redis) -> None:
+    assert schedule_lag(redis_client, "sw:schedule") == 0.0
+    seconds, _ = redis_client.time()
+    redis_client.zadd("sw:schedule", {"e1:0": seconds + 600, "e2:0": seconds - 120})
+    assert 119 <= schedule_lag(redis_client, "sw:schedule") <= 125
+    redis_client.zrem("sw:schedule", "e2:0")
+    assert schedule_lag(redis_client, "sw:schedule") == 0.0
+
+
+def test_an_entry_whose_step_lease_lapsed_is_stale_long_before_the_time_limit(
+    redis_client: redis.Redis, redis_url: str
+) -> None:
+    # Given two reserved phases of two steps: one a live worker holds a lease on, one whose lease lapsed
+    app = make_app(redis_url)
+    app.send_task("qm.any", queue=QUEUE, task_id="01LIVE.0.0")
+    app.send_task("qm.any", queue=QUEUE, task_id="01DEAD.2.1")
+    keys = Keys("sw")
+    seconds, _ = redis_client.time()
+    redis_client.hset(keys.step("01LIVE", 0), "lease_until", seconds + 3600)
+    redis_client.hset(keys.step("01DEAD", 2), "lease_until", seconds - 5)
+    leases = Leases(redis_client, keys.step, timedelta(seconds=60))
+    with app.connection_for_read() as connection:
+        channel: Any = connection.default_channel
+        assert all(channel.basic_get(QUEUE, no_ack=False) for _ in range(2))
+        client = redis.Redis(connection_pool=channel.pool)
+        # When the publisher looks right away, and again past lease + grace (still far below the time limit)
+        fresh = measure(client, Layout.of(channel), [QUEUE], leases=leases)[QUEUE]
+        later = datetime.now(UTC) + timedelta(seconds=90)
+        found = measure(client, Layout.of(channel), [QUEUE], now=later, leases=leases,
+                        stale_after=timedelta(seconds=1020))[QUEUE]
+    # Then only the dead worker's entry stops counting, and only once it is old enough
+    assert (fresh.unacked, fresh.stale, fresh.total) == (2, 0, 2)
+    assert (found.unacked, found.stale, found.total) == (2, 1, 1)

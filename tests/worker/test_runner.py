@@ -79,7 +79,7 @@ class Stubborn(Step):
         if not stops:
             stops.append({"throttled": True})
             raise Transient("Rate exceeded", code="ThrottlingException")
-        stops.append(dict(ctx.state))
+        stops.append({k: v for k, v in ctx.state.items() if not k.startswith("__")})  # (the runner's own keys)
 
 
 @pytest.fixture

@@ -26,6 +26,8 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 
+from worker.engine import heartbeat
+
 log = structlog.get_logger("stepworker.broker")
 
 # Delivery tags whose restore could not reach Redis, keyed by Channel.restore_key.
@@ -118,9 +120,27 @@ RECONNECT_INTERVALS = {"interval_start": 1.0, "interval_step": 1.0, "interval_ma
 
 
 class Consumer(CeleryConsumer):
-    """Celery's consumer, reconnecting to a lost broker every two seconds at most."""
+    """Celery's consumer, reconnecting to a lost broker every two seconds at most, with a heartbeat file."""
+
+    class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc,valid-type]
+        """Celery's consumer steps plus :class:`worker.engine.heartbeat.Heartbeat`."""
+
+        default_steps = [*CeleryConsumer.Blueprint.default_steps, "worker.engine.heartbeat:Heartbeat"]
 
     def ensure_connected(self, conn: Any) -> Any:
-        """Connect as Celery does, with :data:`RECONNECT_INTERVALS` between tries."""
-        conn.ensure_connection = functools.partial(conn.ensure_connection, **RECONNECT_INTERVALS)
+        """Connect as Celery does, with :data:`RECONNECT_INTERVALS` between tries.
+
+        Each tick of the reconnect loop touches the heartbeat file: a worker waiting for Redis is alive.
+        """
+        ensure = functools.partial(conn.ensure_connection, **RECONNECT_INTERVALS)
+
+        def ensure_beating(*args: Any, callback: Any = None, **kwargs: Any) -> Any:
+            def beat() -> None:
+                heartbeat.touch()
+                if callback is not None:
+                    callback()
+
+            return ensure(*args, callback=beat, **kwargs)
+
+        conn.ensure_connection = ensure_beating
         return super().ensure_connected(conn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import uuid
 from typing import Any
 
@@ -9,8 +10,8 @@ from celery import Celery, Task
 from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
 
 import steps
-from worker.engine import broker
-from worker.settings import Settings, get_settings
+from worker.engine import broker, tls
+from worker.settings import Settings, SettingsInvalid, get_settings
 
 app = Celery("stepworker")
 
@@ -28,6 +29,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     return {
         "broker_url": settings.broker,
+        "broker_use_ssl": tls.ssl_options(settings, settings.broker) or None,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
         "visibility_timeout": settings.visibility_timeout,
@@ -57,7 +59,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 @app.on_configure.connect
 def _configure(sender: Celery, **_: Any) -> None:
-    sender.conf.update(celery_config(get_settings()))
+    try:
+        settings = get_settings()
+    except SettingsInvalid as exc:
+        # Celery logs and ignores an Exception from this signal, then runs on its own defaults (no acks
+        # late, amqp://guest@localhost); SystemExit is not an Exception, so the process stops instead.
+        sys.stderr.write(f"Error: {exc}\n")
+        raise SystemExit(2) from None
+    sender.conf.update(celery_config(settings))
 
 
 def _run_phase(self: Task[Any, Any], execution_id: str, index: int, phase: int) -> None:

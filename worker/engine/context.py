@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from steps.base import StepLogger
 from steps.errors import Permanent
 from worker.engine.lease import HeldLease
+from worker.quotas.hooks import guard
 
 if TYPE_CHECKING:
     from worker.credentials import AwsAccess
@@ -69,7 +70,7 @@ class PhaseContext:
         """A cached boto3 client for the resolved credentials and region."""
         if self._aws is None:
             raise Permanent(f"this step has no AWS access configured (asked for {service!r})")
-        return self._aws.client(service)
+        return guard(self._aws.client(service))  # (AWS quotas: worker/quotas/hooks.py)
 
     def checkpoint(self, **state: Any) -> None:
         """Persist state immediately (survives a crash later in this phase); raises LeaseLost."""

@@ -218,6 +218,7 @@ class _FinishKeys:
     logs: str
     cancel: str
     schedule: str
+    quota_held: str  # the AWS quota slots the step holds or waits for (worker/quotas)
     steps: tuple[str, ...]
 
 
@@ -434,7 +435,8 @@ class StateMachine:
         steps = tuple(self.keys.step(eid, i) for i in range(step_count))
         rows = tuple(self.keys.rows(eid, i) for i in range(step_count))
         keys = _FinishKeys(steps[lease.index], self.keys.execution(eid), self.keys.events, self.keys.logs(eid),
-                           self.keys.cancel(eid), self.keys.schedule, steps + rows)
+                           self.keys.cancel(eid), self.keys.schedule, self.keys.quota_held(eid, lease.index),
+                           steps + rows)
         args = _FinishArgs(lease.token, eid, lease.member, str(status), json.dumps(dict(fields)), final,
                            -1 if next_index is None else next_index, self.timing.grace_seconds,
                            self.timing.retention_seconds, self.timing.log_maxlen, _logs(logs),

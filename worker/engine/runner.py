@@ -23,24 +23,35 @@ from typing import TYPE_CHECKING, Any
 import redis
 import structlog
 
-from steps.base import Done, Step, get_step
-from steps.errors import Permanent, Transient
+from steps.base import AwsParams, Done, Step, get_step
+from steps.errors import Permanent, Throttled, Transient
+from worker import boundary, redaction
 from worker import logging as worker_logging
-from worker import redaction
 from worker.aws_errors import classify
 from worker.engine import celery_app
 from worker.engine.connections import UNAVAILABLE, store_client
 from worker.engine.context import COLUMNS, ROWS_AT, PhaseContext
 from worker.engine.lease import HeldLease, Keeper
 from worker.engine.protocol import Claim, Lease, LeaseLost, StateMachine, Timing
+from worker.engine.quota_waits import CAPACITY, capacity_wait, quota_scope
+from worker.jobs import passing
 from worker.keys import Keys
 from worker.models import Status
-from worker.projects import ProjectConfig
+from worker.projects import ProjectCache, ProjectConfig, ProjectStore
 from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from worker.credentials import AwsAccess
     from worker.keystore import KeyStore
+
+#: State keys the runner keeps for itself: waits for AWS capacity, and tries of a stop (cancel or timeout).
+THROTTLED = "__throttled"
+STOP_TRIES = "__stop_tries"
+#: A throttled step waits this many times at most (the step's timeout usually ends it first).
+THROTTLE_WAITS = 50
+#: A stop has its own budget, apart from the step's retries: a job that asks for no retries of its query
+#: still wants the query stopped.
+STOP_RETRIES = 8
 
 log = structlog.get_logger("stepworker.runner")
 quiet = structlog.get_logger("stepworker.runner.quiet")  # worker stdout only, not the execution log
@@ -98,6 +109,7 @@ class Runner:
         self.settings = settings
         self.client = client
         self.machine = StateMachine(client, Keys(settings.key_prefix), Timing.of(settings))
+        self.projects = ProjectCache(ProjectStore(client, Keys(settings.key_prefix)))
         self.keeper = Keeper()
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -132,7 +144,7 @@ class Runner:
     def _run(self, current: Phase) -> None:
         started = time.monotonic()
         with worker_logging.capture(current.held.append):
-            result = self._phase(current)
+            result = self._skipped(current) or self._phase(current)
             if isinstance(result, Advance) and not self._commit(current, result, started):
                 if current.ctx is not None:
                     current.ctx.state.update(result.state)
@@ -186,22 +198,87 @@ class Runner:
         polls = int(record.get("polls", 0))
         # A phase that polls made progress: the next one starts after its rows, with a fresh retry budget.
         next_state = {**current.ctx.state, **outcome.state}
+        next_state.pop(THROTTLED, None)
+        next_state.pop(CAPACITY, None)
         if current.ctx.position:
             next_state[ROWS_AT] = current.ctx.position
         return Advance(next_state, self._poll_delay(outcome.after, polls), 0)
 
+    def _skipped(self, current: Phase) -> End | None:
+        """SKIPPED when the step's ``when:`` is false (worker/jobs), FAILED when it cannot be decided."""
+        if current.lease.phase != 0:
+            return None
+        try:
+            skip = passing.skips(self.client, self.machine.keys, current.lease.execution_id, current.lease.index,
+                                 current.record)
+        except Permanent as exc:
+            return End(Status.FAILED, error=exc.as_dict())
+        if not skip:
+            return None
+        log.info("step.skipped", when=current.record.get(passing.WHEN))
+        return End(Status.SKIPPED)
+
     def _prepare(self, current: Phase, state: Mapping[str, Any]) -> None:
-        record = current.record
-        step_cls = get_step(record["type"])
+        # Data passing (worker/jobs): references to earlier steps' outputs are resolved and checked here.
+        record = passing.resolved_record(self.client, self.machine.keys, current.lease.execution_id,
+                                         current.lease.index, current.record)
+        step_cls, current.params = self.admit(record, str(current.claim.execution.get("project", "")),
+                                              first=current.lease.phase == 0)
         current.step = step_cls()
-        current.params = step_cls.Params.model_validate_json(record["params"])
         current.aws = self._aws_for(record, current.params, current.lease.execution_id)
+        quota_scope(self.client, self.settings, current.lease.member, current.claim.execution, current.aws)
         current.ctx = PhaseContext(held=current.held, state=state, aws=current.aws,
                                    default_region=self.settings.aws_region or "us-east-1", log=log,
                                    max_rows=self.settings.max_rows)
 
+    def admit(self, record: Mapping[str, str], project: str, *, first: bool = True) -> tuple[type[Step], Any]:
+        """A stored step record as the worker reads it: its step class and params, checked; raises on refusal.
+
+        ``first`` (the step's first phase) also enforces the project boundary against the project as
+        stored — the check that counts, because a record may have been written by anything that holds
+        Redis credentials — and resolves the AWS configuration, both before the first AWS call.
+        """
+        step_cls = get_step(record["type"])
+        params = step_cls.Params.model_validate_json(record["params"])
+        if first:
+            self._check_boundary(record, project, params)
+            if record.get("project_layer"):
+                from worker import credentials  # noqa: PLC0415  (only AWS steps need it)
+
+                try:
+                    credentials.resolve(params, ProjectConfig.model_validate_json(record["project_layer"]),  # type: ignore[arg-type]  # AWS steps take AwsParams
+                                        self.settings)
+                except credentials.ConfigError as exc:
+                    raise Permanent(str(exc), code="ConfigError") from exc
+        return step_cls, params
+
+    def _check_boundary(self, record: Mapping[str, str], name: str, params: Any) -> None:
+        try:
+            live = self.projects.get(name, cached_absence=False)
+        except ValueError as exc:
+            raise Permanent(str(exc), code="OutsideProject") from None
+        refused = boundary.project_problem(name, live, self.settings)
+        problems = [("project", refused)] if refused else []
+        if not refused:
+            aws = params.model_dump() if isinstance(params, AwsParams) else {}
+            problems += boundary.step_problems(name, live, self.settings, queue=record.get("queue", ""),
+                                               aws_params=aws)
+            if record.get("project_layer"):
+                frozen = ProjectConfig.model_validate_json(record["project_layer"])
+                problems += boundary.frozen_layer_problems(name, frozen, live)
+        if problems:
+            raise Permanent("; ".join(f"{where}: {what}" for where, what in problems), code="OutsideProject")
+
     def _failure(self, exc: Exception, state: Mapping[str, Any], attempts: int, retries: int) -> Advance | End:
         error = classify(exc)
+        waits = int(state.get(THROTTLED, 0))
+        wait = capacity_wait(error, state)  # (no capacity under an AWS quota: no retry budget, no bound)
+        if wait is not None:
+            return Advance(wait[0], wait[1], attempts)
+        if isinstance(error, Throttled) and waits < THROTTLE_WAITS:
+            delay = self._retry_delay(waits)
+            log.warning("step.throttled", error=error.message, wait=waits + 1, delay_s=round(delay, 2))
+            return Advance({**state, THROTTLED: waits + 1}, delay, attempts)
         if isinstance(error, Transient) and attempts < retries:
             delay = self._retry_delay(attempts)
             log.warning("step.retrying", error=error.message, attempt=attempts + 1, of=retries,
@@ -214,8 +291,9 @@ class Runner:
     def _stop(self, current: Phase, status: Status, reason: str) -> End | Advance:
         """End the step ``status`` after stopping what it started (the state its phases saved).
 
-        A stop that fails transiently (throttled) is tried again by the next phase while the retry
-        budget lasts; one that fails for good is reported, and the step still ends.
+        A stop that fails transiently (throttled) is tried again by the next phase, within a budget of
+        its own (:data:`STOP_RETRIES`, the step's retries do not count); one that fails for good is
+        reported, and the step still ends.
         """
         ctx, step = current.ctx, current.step
         if ctx is not None and step is not None and ctx.state:
@@ -226,10 +304,12 @@ class Runner:
                 raise
             except Exception as exc:  # (a failed stop is reported, the step still ends)
                 failure = classify(exc)
-                attempts = int(current.record.get("attempts", 0))
-                if isinstance(failure, Transient) and attempts < int(current.record.get("retries", 0)):
-                    log.warning("step.stop_retrying", error=failure.message, attempt=attempts + 1)
-                    return Advance(ctx.state, self._retry_delay(attempts), attempts + 1, stopping=True)
+                tries = int(ctx.state.get(STOP_TRIES, 0))
+                if isinstance(failure, Transient) and tries < STOP_RETRIES:
+                    log.warning("step.stop_retrying", error=failure.message, attempt=tries + 1)
+                    ctx.state[STOP_TRIES] = tries + 1
+                    attempts = int(current.record.get("attempts", 0))
+                    return Advance(ctx.state, self._retry_delay(tries), attempts, stopping=True)
                 log.warning("step.stop_failed", error=failure.message)
         error = {"kind": status.name.title().replace("_", ""), "message": reason, "code": str(status),
                  "resource_id": ""}
@@ -292,7 +372,7 @@ class Runner:
         next_index: int | None = None
         if result.status == Status.CANCELLED:
             final = str(Status.CANCELLED)
-        elif result.status != Status.SUCCEEDED and execution.get("on_failure") == "stop":
+        elif result.status not in {Status.SUCCEEDED, Status.SKIPPED} and execution.get("on_failure") == "stop":
             final = str(result.status)
         elif index + 1 < step_count:
             next_index, final = index + 1, ""

@@ -54,6 +54,8 @@ class Store:
             on_failure=record["on_failure"], created_at=float(record["created_at"]),
             started_at=_float(record.get("started_at")), finished_at=_float(record.get("finished_at")),
             current=int(record.get("current", 0)), steps=steps,
+            job=record.get("job") or None,  # a saved job's run (worker/jobs)
+            job_version=int(record["job_version"]) if record.get("job_version") else None,
         )
 
     def execution_status(self, execution_id: str) -> Status | None:

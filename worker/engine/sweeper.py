@@ -53,7 +53,17 @@ class Sweeper:
                                project=due.project, copy="sweep", via=self.broker)
         if found:
             quiet.info("sweeper.republished", phases=len(found))
+        self._fire_schedules()
         return found
+
+    def _fire_schedules(self) -> None:
+        """Start due schedules (worker/jobs); a failure there never stops the sweep."""
+        try:
+            from worker.jobs.schedules import fire_for  # noqa: PLC0415  (the dispatcher side loads on first use)
+
+            fire_for(self.settings)
+        except Exception as exc:  # (logged; the next pass tries again, and idempotency keys prevent doubles)
+            quiet.warning("sweeper.schedules_failed", error=str(exc))
 
     def _locked(self) -> bool:
         if self.lock.owned():
@@ -79,9 +89,12 @@ _running: list[Sweeper] = []
 
 
 def start(settings: Settings) -> Sweeper:
-    """Start this process's sweeper thread."""
+    """Start this process's sweeper thread, and the notifier thread (it stops with the sweeper)."""
+    from worker.jobs import notify  # noqa: PLC0415
+
     sweeper = Sweeper(settings, store_client(settings, "worker"), celery_app.publisher(settings))
     threading.Thread(target=sweeper.run, name="stepworker-sweeper", daemon=True).start()
+    notify.start(settings, sweeper.machine.client, sweeper.stopped)
     _running.append(sweeper)
     return sweeper
 

@@ -6,8 +6,16 @@ append_logs(K.logs, A.logs, A.log_maxlen)
 redis.call('HSET', K.step, 'status', A.status, 'finished_at', now, 'lease', '', 'lease_until', 0)
 for field, value in pairs(cjson.decode(A.fields)) do redis.call('HSET', K.step, field, value) end
 redis.call('HINCRBY', K.step, 'completions', 1)
-if A.status ~= S.succeeded then redis.call('HINCRBY', K.execution, 'failures', 1) end
+-- A step skipped by its when: condition is not a failure (worker/jobs).
+if A.status ~= S.succeeded and A.status ~= S.skipped then redis.call('HINCRBY', K.execution, 'failures', 1) end
 redis.call('ZREM', K.schedule, A.member)
+-- The step's AWS quota slots (and its places in their lines) are given back with its end (worker/quotas).
+for _, base in ipairs(redis.call('SMEMBERS', K.quota_held)) do
+  redis.call('HDEL', base .. ':holders', A.member)
+  redis.call('ZREM', base .. ':waiters', A.member)
+  redis.call('HDEL', base .. ':seen', A.member)
+end
+redis.call('DEL', K.quota_held)
 redis.call('XADD', K.events, 'MAXLEN', '~', A.events_maxlen, '*', 'execution', A.execution_id,
            'step', redis.call('HGET', K.step, 'index'), 'status', A.status)
 local final = A.final

@@ -1,0 +1,133 @@
+"""Quotas: 100 simultaneous ``logs.query`` steps against an account that runs 30 Logs Insights queries at once.
+
+Run: ``.venv/bin/python -m benchmarks.quotas [--n 100] [--quota 30] [--seconds 5]``.
+
+The account is tests/fakes/throttling_logs.py: real protocol and error codes, per-account accounting, and
+``LimitExceededException`` for a StartQuery over the concurrency quota; each query runs ``--seconds``. One
+worker (prefork ``-c 2``) with STEPWORKER_POLL_MAX_SECONDS=2 runs the N queries twice in the same run:
+
+- **stepworker**: the fleet-wide limiter on, told the account's quota (``--quota``; the default is 30);
+- **baseline**: the limiter off (STEPWORKER_QUOTAS_ENABLED=false), i.e. the behaviour before it: every step
+  calls StartQuery on its own, botocore's standard retries sleep and retry in the slot, and a refusal that
+  survives them is a throttled wait of the runner (50 at most, with backoff) before the step fails.
+
+It prints, for both: how many succeeded and failed, the LimitExceeded answers AWS gave, the most queries
+running at once in the account, every AWS call made, and the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from benchmarks import common
+from tests.fakes.aws_proxy import AwsProxy
+from tests.fakes.throttling_logs import DEFAULT_ACCOUNT, QuotaLogsInsights
+from worker.models import Status
+
+ATHENA = {"query": "SELECT 1", "output_location": "s3://bench-athena/results/", "region": "us-east-1"}
+PARAMS = {"query": "fields @message | limit 10", "log_group_name": "/bench/app", "past": 15,
+          "region": "eu-west-1"}
+
+
+def run_queries(run: common.Bench, n: int, quota: int, seconds: float, timeout: float,
+                **env: str) -> dict[str, object]:
+    """Start a worker, submit N queries at once, wait for all; the figures of that run."""
+    fake = QuotaLogsInsights(running_seconds=seconds, max_running=quota).start()
+    try:
+        run.start_worker("stepworker", ["-m", "worker.cli", "worker", "-Q", run.queue, "-c", "2", "--pool",
+                                        "prefork", "-n", "stepworker@%h", "-l", "WARNING"],
+                         STEPWORKER_POLL_MAX_SECONDS="2", AWS_ENDPOINT_URL_CLOUDWATCH_LOGS=fake.url, **env)
+        dispatcher = run.dispatcher()
+        t0 = time.time()
+        ids = [dispatcher.submit_step("logs.query", PARAMS) for _ in range(n)]
+        ended = common.wait_terminal(run, ids, timeout=timeout)
+        wall = ended.finished_at[-1] - t0
+        run.stop_worker("stepworker")
+    finally:
+        fake.stop()
+    return {
+        "succeeded": ended.count(Status.SUCCEEDED),
+        "failed": n - ended.count(Status.SUCCEEDED),
+        "LimitExceeded answers": fake.refused[(DEFAULT_ACCOUNT, "LimitExceededException")],
+        "most running at once": fake.most_running.get(DEFAULT_ACCOUNT, 0),
+        "AWS calls": len(fake.calls),
+        "wall time (s)": round(wall, 1),
+    }
+
+
+def run_athena(run: common.Bench, n: int, seconds: float, timeout: float, **env: str) -> dict[str, object]:
+    """N Athena queries of ``seconds`` each, at once, through the recording proxy; the figures of that run."""
+    assert run.moto_url is not None
+    proxy = AwsProxy(run.moto_url, athena_seconds=seconds).start()
+    quotas = json.dumps({"athena.active_queries": {"concurrency": n}, "athena.start": {"rate": 200, "burst": n}})
+    try:
+        run.start_worker("stepworker", ["-m", "worker.cli", "worker", "-Q", run.queue, "-c", "2", "--pool",
+                                        "prefork", "-n", "stepworker@%h", "-l", "WARNING"],
+                         STEPWORKER_POLL_MAX_SECONDS="2", AWS_ENDPOINT_URL=proxy.url, STEPWORKER_QUOTAS=quotas, **env)
+        dispatcher = run.dispatcher()
+        t0 = time.time()
+        ids = [dispatcher.submit_step("athena.query", ATHENA) for _ in range(n)]
+        ended = common.wait_terminal(run, ids, timeout=timeout)
+        wall = ended.finished_at[-1] - t0
+        run.stop_worker("stepworker")
+        operations = proxy.operations()
+    finally:
+        proxy.stop()
+    pipe = run.client.pipeline(transaction=False)
+    for execution_id in ids:
+        pipe.hget(run.keys.step(execution_id, 0), "polls")
+    polls = sum(int(p or 0) for p in pipe.execute())
+    state_calls = operations.count("GetQueryExecution") + operations.count("BatchGetQueryExecution")
+    return {
+        "succeeded": ended.count(Status.SUCCEEDED),
+        "poll phases": polls,
+        "GetQueryExecution calls": operations.count("GetQueryExecution"),
+        "BatchGetQueryExecution calls": operations.count("BatchGetQueryExecution"),
+        "state calls per query per minute": round(state_calls / n / (wall / 60), 2),
+        "wall time (s)": round(wall, 1),
+    }
+
+
+def logs_part(run: common.Bench, args: argparse.Namespace) -> None:
+    """Part (a): 100 logs.query against a 30-concurrent quota, limiter on and off."""
+    known = json.dumps({"logs.insights_queries": {"concurrency": args.quota}})
+    limited = run_queries(run, args.n, args.quota, args.seconds, args.timeout, STEPWORKER_QUOTAS=known)
+    baseline = run_queries(run, args.n, args.quota, args.seconds, args.timeout, STEPWORKER_QUOTAS_ENABLED="false")
+    rows = [[name, limited[name], baseline[name]] for name in limited]
+    print(f"\n{args.n} logs.query at once, account quota {args.quota} concurrent, each query {args.seconds:g} s")
+    print(common.table(["figure", "stepworker (limiter)", "baseline (no limiter)"], rows))
+
+
+def athena_part(run: common.Bench, args: argparse.Namespace) -> None:
+    """Part (b): N Athena queries in flight, polls coalesced and not."""
+    coalesced = run_athena(run, args.athena_n, args.athena_seconds, args.timeout)
+    single = run_athena(run, args.athena_n, args.athena_seconds, args.timeout, STEPWORKER_COALESCE_POLLS="false")
+    rows = [[name, coalesced[name], single[name]] for name in coalesced]
+    print(f"\n{args.athena_n} athena.query in flight, each {args.athena_seconds:g} s")
+    print(common.table(["figure", "stepworker (coalesced)", "baseline (per-execution)"], rows))
+    key = "state calls per query per minute"
+    ratio = float(str(single[key])) / max(float(str(coalesced[key])), 1e-9)
+    print(f"AWS state calls per query per minute, baseline / coalesced: {ratio:.1f}x fewer")
+
+
+def main() -> None:
+    """Run the chosen parts, each with its baseline in the same run."""
+    parse = common.parser(__doc__ or "")
+    parse.add_argument("--part", choices=("logs", "athena", "both"), default="both")
+    parse.add_argument("--n", type=int, default=100)
+    parse.add_argument("--quota", type=int, default=30)
+    parse.add_argument("--seconds", type=float, default=5.0, help="how long each Logs Insights query runs")
+    parse.add_argument("--athena-n", type=int, default=2000)
+    parse.add_argument("--athena-seconds", type=float, default=30.0, help="how long each Athena query runs")
+    args = parse.parse_args()
+    with common.bench(moto=True, STEPWORKER_OPEN_DEFAULT_PROJECT="true") as run:
+        if args.part in ("logs", "both"):
+            logs_part(run, args)
+        if args.part in ("athena", "both"):
+            athena_part(run, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""AWS quotas end to end: real worker processes, real Redis, and a Logs Insights that enforces AWS's quotas.
+
+The stand-in is tests/fakes/throttling_logs.py (real protocol and error codes, per-account accounting;
+queries run for a fixed time). STS is moto's server (the account id the quota keys are named by).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.fakes.throttling_logs import DEFAULT_ACCOUNT, QuotaLogsInsights
+from tests.integration.conftest import Stack
+from worker.models import Status
+
+pytestmark = pytest.mark.integration
+
+FAST = {"STEPWORKER_POLL_MAX_SECONDS": "0.5"}
+PARAMS: dict[str, Any] = {"query": "fields @message", "log_group_name": "/app/web", "past": 5}
+
+
+def quotas(concurrency: int) -> dict[str, str]:
+    return {"STEPWORKER_QUOTAS": json.dumps({"logs.insights_queries": {"concurrency": concurrency},
+                                             "logs.get_query_results": {"rate": 50, "burst": 50}})}
+
+
+def run_queries(
+    stack: Stack, fake: QuotaLogsInsights, count: int, env: dict[str, str]
+) -> tuple[list[Status], list[str]]:
+    """Run ``count`` queries at once; their final statuses and their "waiting for capacity" log messages."""
+    stack.start_worker({**FAST, **env, "AWS_ENDPOINT_URL_CLOUDWATCH_LOGS": fake.url})
+    ids = [stack.dispatcher.submit_step("logs.query", PARAMS) for _ in range(count)]
+    statuses = [stack.dispatcher.wait(execution, timeout=120).status for execution in ids]
+    waits = [str(entry.fields.get("message")) for execution in ids for entry in stack.dispatcher.logs(execution)
+             if entry.event == "step.waiting_for_capacity"]
+    return statuses, waits
+
+
+def test_queries_beyond_the_concurrency_quota_wait_for_a_slot_instead_of_failing(stack: Stack) -> None:
+    # Given an account that runs at most 3 Logs Insights queries at once, and a limiter that knows it
+    fake = QuotaLogsInsights(running_seconds=0.5, max_running=3).start()
+    try:
+        # When 10 queries are submitted at once
+        statuses, waits = run_queries(stack, fake, 10, quotas(3))
+    finally:
+        fake.stop()
+    # Then all succeed, AWS never refused one, never more than 3 ran at once, and each wait was logged once
+    assert statuses == [Status.SUCCEEDED] * 10
+    assert fake.refused[(DEFAULT_ACCOUNT, "LimitExceededException")] == 0
+    assert fake.most_running[DEFAULT_ACCOUNT] == 3
+    assert 1 <= len(waits) <= 7
+    assert all(w.startswith("waiting for capacity: 3/3 Logs Insights queries running in 123456789012/") for w in waits)
+
+
+def test_a_quota_smaller_than_the_limiter_thinks_costs_waits_not_failures(stack: Stack) -> None:
+    # Given an account whose quota is half of what the limiter allows (dashboards use the rest)
+    fake = QuotaLogsInsights(running_seconds=0.5, max_running=2).start()
+    try:
+        # When 8 queries are submitted at once
+        statuses, _ = run_queries(stack, fake, 8, quotas(4))
+    finally:
+        fake.stop()
+    # Then AWS refused some starts with LimitExceededException, and every query still succeeded
+    assert statuses == [Status.SUCCEEDED] * 8
+    assert fake.refused[(DEFAULT_ACCOUNT, "LimitExceededException")] >= 1
+    assert fake.most_running[DEFAULT_ACCOUNT] <= 2

@@ -1,0 +1,25 @@
+-- quota_take: take one token from every bucket in K.buckets, all or none (worker/quotas/store.py).
+-- A.spec is JSON [[rate, burst], ...], one per bucket: the configured ceiling. A bucket's rate is the
+-- ceiling unless AWS throttled it (quota_cut): then it grows back linearly over A.recover seconds (AIMD).
+-- A.at > 0 replaces Redis time (tests' fake clock). Returns {1, ''} or {0, seconds until a token}.
+local t = now
+if A.at > 0 then t = A.at end
+local specs = cjson.decode(A.spec)
+local wait, fills = 0, {}
+for i, key in ipairs(K.buckets) do
+  local ceiling, burst = specs[i][1], specs[i][2]
+  local b = redis.call('HMGET', key, 'tokens', 'ts', 'cut_rate', 'cut_at')
+  local rate = ceiling
+  if b[3] then rate = math.min(ceiling, tonumber(b[3]) + math.max(0, t - tonumber(b[4])) * ceiling / A.recover) end
+  local tokens = tonumber(b[1]) or burst
+  local ts = tonumber(b[2]) or t
+  tokens = math.min(burst, tokens + math.max(0, t - ts) * rate)
+  if tokens < 1 then wait = math.max(wait, (1 - tokens) / rate) end
+  fills[i] = tokens
+end
+if wait > 0 then return {0, tostring(wait)} end
+for i, key in ipairs(K.buckets) do
+  redis.call('HSET', key, 'tokens', tostring(fills[i] - 1), 'ts', tostring(t))
+  redis.call('EXPIRE', key, A.ttl)
+end
+return {1, ''}

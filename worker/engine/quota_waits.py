@@ -1,0 +1,62 @@
+"""The runner's side of the AWS quotas: bind each phase's quota scope, and turn no-capacity into a wait.
+
+A step that finds no capacity (:class:`worker.quotas.hooks.CapacityWait`) waits in the schedule for the
+time the quota said, spending no retry budget and with no bound of its own: only the step's timeout
+ends such a wait. Its first wait is logged to the execution's log; the later ones only to the worker's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import redis
+import structlog
+
+from steps.errors import StepError
+from worker.keys import Keys
+from worker.quotas import hooks
+from worker.quotas.store import QuotaStore
+
+if TYPE_CHECKING:
+    from worker.credentials import AwsAccess
+    from worker.settings import Settings
+
+#: State key: waits for capacity so far (cleared by the next phase that gets on).
+CAPACITY = "__capacity_waits"
+
+log = structlog.get_logger("stepworker.quotas")
+quiet = structlog.get_logger("stepworker.runner.quiet")
+
+
+_by_client: dict[int, tuple[redis.Redis, hooks.Overrides]] = {}
+
+
+def _overrides(client: redis.Redis, settings: Settings) -> hooks.Overrides:
+    found = _by_client.get(id(client))
+    if found is None or found[0] is not client:
+        overrides = hooks.Overrides(QuotaStore(client, Keys(settings.key_prefix)), dict(settings.quotas),
+                                    coalesce=settings.coalesce_polls)
+        found = _by_client[id(client)] = (client, overrides)
+    return found[1]
+
+
+def quota_scope(client: redis.Redis, settings: Settings, member: str, execution: Mapping[str, str],
+                aws: AwsAccess | None) -> None:
+    """Bind the phase's quota scope: its AWS calls take from the fleet's buckets and slots."""
+    if aws is None or not settings.quotas_enabled:
+        hooks.bind(None)
+        return
+    hooks.bind(hooks.Scope(_overrides(client, settings), member, str(execution.get("project", "")), aws))
+
+
+def capacity_wait(error: StepError, state: Mapping[str, Any]) -> tuple[dict[str, Any], float] | None:
+    """(state, delay) of a wait for capacity, or None when ``error`` is something else."""
+    if not isinstance(error, hooks.CapacityWait):
+        return None
+    waits = int(state.get(CAPACITY, 0))
+    if waits == 0:
+        log.warning("step.waiting_for_capacity", message=error.message, quota=error.resource_id)
+    else:
+        quiet.debug("step.waiting_for_capacity", message=error.message, wait=waits + 1)
+    return {**state, CAPACITY: waits + 1}, error.retry_after

@@ -1,0 +1,1 @@
+"""Saved jobs: versioned definitions with typed options, data passed between steps and conditions."""
