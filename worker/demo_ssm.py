@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 #: The demo job's first step: a command on every demo instance, found by node filter, two at a time.
@@ -28,6 +30,9 @@ def _script(instance_id: str) -> Any:
 @contextlib.contextmanager
 def emulator() -> Iterator[str | None]:
     """Serve SSM for the worker started inside the block (AWS_ENDPOINT_URL_SSM); None outside a checkout."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "tests" / "fakes" / "ssm.py").is_file() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))  # the installed package maps worker/ and steps/ only, not tests/
     try:
         from tests.fakes.ssm import SsmFake  # noqa: PLC0415
     except ImportError:
