@@ -199,7 +199,11 @@ def submit(step_type: str | None, pairs: tuple[str, ...], params_json: str | Non
     """Submit a step (TYPE with -p/--params) or a whole job (--job FILE); prints the execution id."""
     job = build_job(step_type, pairs, params_json, project, queue, name, timeout, job_file)
     api = dispatcher()
-    execution_id = api.submit(job)
+    report_started(api, api.submit(job), wait=wait, follow=follow, as_json=as_json)
+
+
+def report_started(api: Operations, execution_id: str, *, wait: bool, follow: bool, as_json: bool) -> None:
+    """Print a started execution's id; with ``wait``/``follow`` its log and result, exiting 1 unless it succeeded."""
     if not (wait or follow):
         click.echo(json.dumps({"id": execution_id}) if as_json else execution_id)
         return

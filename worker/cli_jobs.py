@@ -7,18 +7,16 @@ Exit codes as for ``submit``: 2 a refused definition or option value (nothing st
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from worker import output
-from worker.cli import CONTEXT, EXIT_FAILED, fail, handled, load_job_file, result_json
+from worker.cli import CONTEXT, EXIT_FAILED, fail, handled, load_job_file, report_started
 from worker.dispatcher import Dispatcher, JobInvalid
 from worker.jobs.definitions import JobDefinition
 from worker.jobs.store import SavedJobNotFound, SavedJobs
-from worker.models import Status
 
 
 def _saved() -> SavedJobs:
@@ -120,18 +118,4 @@ def run(name: str, pairs: tuple[str, ...], project: str, wait: bool, follow: boo
     except SavedJobNotFound as exc:
         fail(str(exc.args[0]), EXIT_FAILED)
         return
-    if not (wait or follow):
-        click.echo(json.dumps({"id": execution_id}) if as_json else execution_id)
-        return
-    api = saved.dispatcher
-    if not as_json:
-        click.echo(execution_id)
-    if follow:
-        for entry in api.logs(execution_id, follow=True):
-            output.log_line(entry, sys.stderr if as_json else None)
-    view = output.waiting(lambda: api.wait(execution_id), f"waiting for {execution_id}")
-    if as_json:
-        click.echo(json.dumps(result_json(api, view)))
-    else:
-        output.execution_summary(view)
-    sys.exit(0 if view.status == Status.SUCCEEDED else EXIT_FAILED)
+    report_started(saved.dispatcher, execution_id, wait=wait, follow=follow, as_json=as_json)
