@@ -13,6 +13,7 @@ WebSocket request is not SigV4-signed: the token authenticates it, as in the plu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
@@ -402,7 +403,14 @@ class DataChannel:
         }
         ack = AgentMessage(MessageType.ACK, 0, json.dumps(content).encode(), flags=ACK_FLAGS)
         assert self._ws is not None
-        self._ws.send(ack.encode())
+        self._send(self._ws, ack.encode())
+
+    @staticmethod
+    def _send(ws: ClientConnection, frame: bytes) -> None:
+        # The agent sends channel_closed and hangs up at once, so a send can find the socket closed
+        # while its last messages still wait unread: the next recv returns them, then raises.
+        with contextlib.suppress(ConnectionClosed):
+            ws.send(frame)
 
     def _queue(self, payload_type: PayloadType, payload: bytes) -> None:
         message = AgentMessage(MessageType.INPUT, self._next_seq, payload, payload_type)
@@ -423,5 +431,5 @@ class DataChannel:
                 # from a short command: giving up on it is harmless, the deadline bounds the rest.
                 del self._pending[seq]
                 continue
-            ws.send(pending.frame)
+            self._send(ws, pending.frame)
             pending.sent_at, pending.sends = now, pending.sends + 1

@@ -7,7 +7,8 @@ and closes the channel. It executes nothing: the test says which lines to print 
 to report, and the fake prints them behind the exit marker it reads out of the wrapped command.
 
 Knobs for the fault cases: reorder or duplicate output frames, corrupt one, withhold acks of the
-client's input (so it has to resend), pause publication, ask for KMS encryption, or never close.
+client's input (so it has to resend), pause publication, ask for KMS encryption, hang up without
+waiting for acks, or never close.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class FakeAgent:
     pause_first: bool = False
     kms: bool = False
     close: bool = True
+    wait_for_acks: bool = True
     channel_output: str = ""
     command: str | None = None
     opening: dict[str, Any] = field(default_factory=dict)
@@ -130,7 +132,8 @@ class FakeAgent:
         def every_arrival_acked() -> bool:
             return wanted <= set(self.acked) and len([seq for seq in self.acked if seq >= 2]) >= len(sent)
 
-        self._wait(ws, every_arrival_acked, f"an ack for each of the {len(sent)} output frames sent")
+        if self.wait_for_acks:
+            self._wait(ws, every_arrival_acked, f"an ack for each of the {len(sent)} output frames sent")
         if self.close:
             self._close_channel(ws)
         else:

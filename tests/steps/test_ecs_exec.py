@@ -281,6 +281,24 @@ def test_unacked_input_is_sent_again() -> None:
     assert responses[0] == responses[1]
 
 
+def test_messages_that_arrived_before_the_hang_up_are_still_read() -> None:
+    """The agent sends channel_closed and hangs up at once: an ack the client sends after that fails,
+    but the output and channel_closed already received must still be read (no "WebSocket closed")."""
+    agent = FakeAgent(lines=["first", "second"], exit_code=None, wait_for_acks=False, channel_output="done")
+    agent.command = wrap("true", "__STEPWORKER_EXIT_0123456789ab__")
+    chunks: list[bytes] = []
+
+    def slow_consumer(_type: PayloadType, data: bytes) -> None:
+        chunks.append(data)
+        agent.finished.wait(10)  # the next ack is sent to a socket the agent has closed
+
+    with agent.serving():
+        end = DataChannel(agent.url, agent.token, slow_consumer).run(20)
+    assert agent.errors == []
+    assert (end.closed_by, end.output) == ("channel_closed", "done")
+    assert b"".join(chunks) == b"first\r\nsecond\r\n"
+
+
 def test_input_waits_while_publication_is_paused() -> None:
     agent = FakeAgent(lines=["after pause"], pause_first=True)
     end, output = channel_run(agent)
