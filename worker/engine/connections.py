@@ -85,13 +85,14 @@ def _sentinel_client(target: SentinelTarget, transport_options: Mapping[str, Any
     sentinel_kwargs = dict(transport_options.get("sentinel_kwargs") or {})
     sentinel_kwargs.setdefault("socket_timeout", options["socket_timeout"])
     sentinel_kwargs.setdefault("socket_connect_timeout", options["socket_connect_timeout"])
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # (redis-py types Sentinel from 8.2; the ignores cover the older releases the lock may still hold)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(target.sentinels), min_other_sentinels=int(transport_options.get("min_other_sentinels", 0)),
         sentinel_kwargs=sentinel_kwargs,
     )
     # SentinelConnectionPool looks the primary up on each new connection and drops its connections when a
     # reply shows the server is no longer primary (READONLY after the demotion), so writes follow a failover.
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         target.master_name, db=target.db, username=target.username, password=target.password, **options
     )
     return client
