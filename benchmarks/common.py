@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import shutil
 import signal
@@ -384,6 +385,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+#: The Athena query the benchmarks submit (to moto behind ``tests.fakes.aws_proxy.AwsProxy``).
+ATHENA_QUERY = {"query": "SELECT 1", "output_location": "s3://bench-athena/results/", "region": "us-east-1"}
+
+
+def athena_quotas(n: int) -> str:
+    """``STEPWORKER_QUOTAS`` that let ``n`` Athena queries start at once and run together (AWS's defaults
+    are 20 active and 20/s): the benchmarks measure polling, not the start limit."""
+    return json.dumps({"athena.active_queries": {"concurrency": n}, "athena.start": {"rate": 200, "burst": n}})
 
 
 def parser(description: str) -> argparse.ArgumentParser:

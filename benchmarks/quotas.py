@@ -26,7 +26,6 @@ from tests.fakes.aws_proxy import AwsProxy
 from tests.fakes.throttling_logs import DEFAULT_ACCOUNT, QuotaLogsInsights
 from worker.models import Status
 
-ATHENA = {"query": "SELECT 1", "output_location": "s3://bench-athena/results/", "region": "us-east-1"}
 PARAMS = {"query": "fields @message | limit 10", "log_group_name": "/bench/app", "past": 15,
           "region": "eu-west-1"}
 
@@ -61,14 +60,14 @@ def run_athena(run: common.Bench, n: int, seconds: float, timeout: float, **env:
     """N Athena queries of ``seconds`` each, at once, through the recording proxy; the figures of that run."""
     assert run.moto_url is not None
     proxy = AwsProxy(run.moto_url, athena_seconds=seconds).start()
-    quotas = json.dumps({"athena.active_queries": {"concurrency": n}, "athena.start": {"rate": 200, "burst": n}})
     try:
         run.start_worker("stepworker", ["-m", "worker.cli", "worker", "-Q", run.queue, "-c", "2", "--pool",
                                         "prefork", "-n", "stepworker@%h", "-l", "WARNING"],
-                         STEPWORKER_POLL_MAX_SECONDS="2", AWS_ENDPOINT_URL=proxy.url, STEPWORKER_QUOTAS=quotas, **env)
+                         STEPWORKER_POLL_MAX_SECONDS="2", AWS_ENDPOINT_URL=proxy.url,
+                         STEPWORKER_QUOTAS=common.athena_quotas(n), **env)
         dispatcher = run.dispatcher()
         t0 = time.time()
-        ids = [dispatcher.submit_step("athena.query", ATHENA) for _ in range(n)]
+        ids = [dispatcher.submit_step("athena.query", common.ATHENA_QUERY) for _ in range(n)]
         ended = common.wait_terminal(run, ids, timeout=timeout)
         wall = ended.finished_at[-1] - t0
         run.stop_worker("stepworker")

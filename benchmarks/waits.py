@@ -21,7 +21,6 @@ the visibility timeout (3600 s by default), which the settings enforce.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import statistics
 import threading
@@ -33,8 +32,6 @@ from dataclasses import dataclass, field
 from benchmarks import common
 from tests.fakes.aws_proxy import AwsProxy
 from worker.models import Status
-
-ATHENA = {"query": "SELECT 1", "output_location": "s3://bench-athena/results/", "region": "us-east-1"}
 
 
 @dataclass
@@ -80,6 +77,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+def spread(kind: str, late: list[float]) -> dict[str, float]:
+    """``<kind>_late_p50``, ``_p99`` and ``_max`` of one kind's lateness (nothing when it has none)."""
+    if not late:
+        return {}
+    return {f"{kind}_late_p50": statistics.median(late), f"{kind}_late_p99": percentile(late, 0.99),
+            f"{kind}_late_max": max(late)}
+
+
 def run_stepworker(
     run: common.Bench, n: int, athena: int, seconds: float, timeout: float, **env: str
 ) -> tuple[float, dict[str, float]]:
@@ -94,7 +99,7 @@ def run_stepworker(
     with peaks.sampling():
         t0 = time.time()
         ids = [dispatcher.submit_step("core.sleep", {"seconds": seconds}) for _ in range(n - athena)]
-        queries = [dispatcher.submit_step("athena.query", ATHENA) for _ in range(athena)]
+        queries = [dispatcher.submit_step("athena.query", common.ATHENA_QUERY) for _ in range(athena)]
         submitted = time.time()
         ended = common.wait_terminal(run, ids + queries, timeout=timeout)
     wall = ended.finished_at[-1] - t0
@@ -106,13 +111,11 @@ def run_stepworker(
         pipe.hmget(run.keys.step(execution_id, 0), "polls", "completions", "started_at", "finished_at")
     records = [[float(value or 0) for value in record] for record in pipe.execute()]
     late = [finished - started - seconds for _, _, started, finished in records]
-    kinds = {"pauses": late[: len(ids)], "queries": late[len(ids) :]}
     return wall, {
         "submit_seconds": submitted - t0,
         "phases": sum(polls + completions for polls, completions, _, _ in records),
-        **{f"{kind}_late_{name}": value for kind, values in kinds.items() if values
-           for name, value in (("p50", statistics.median(values)), ("p99", percentile(values, 0.99)),
-                               ("max", max(values)))},
+        **spread("pauses", late[: len(ids)]),
+        **spread("queries", late[len(ids) :]),
         "rss_mib": peaks.rss_kib / 1024,
         "redis_before_mib": redis_before / 2**20,
         "redis_peak_mib": peaks.redis_bytes / 2**20,
@@ -164,9 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             assert run.moto_url is not None
             proxy = AwsProxy(run.moto_url, athena_seconds=args.seconds).start()
             stack.callback(proxy.stop)
-            quotas = {"athena.active_queries": {"concurrency": args.athena},
-                      "athena.start": {"rate": 200, "burst": args.athena}}
-            env = {"AWS_ENDPOINT_URL": proxy.url, "STEPWORKER_QUOTAS": json.dumps(quotas)}
+            env = {"AWS_ENDPOINT_URL": proxy.url, "STEPWORKER_QUOTAS": common.athena_quotas(args.athena)}
         wall, figures = run_stepworker(run, args.n, args.athena, args.seconds, args.timeout, **env)
         per_task = run_baseline(run, args.baseline_n, args.seconds, args.timeout) if args.baseline_n else 0.0
     expected_phases = (args.n - args.athena) * (1 + math.ceil(args.seconds / args.poll_max))
