@@ -13,6 +13,15 @@ worker (prefork ``-c 2``) with STEPWORKER_POLL_MAX_SECONDS=2 runs the N queries 
 
 It prints, for both: how many succeeded and failed, the LimitExceeded answers AWS gave, the most queries
 running at once in the account, every AWS call made, and the wall time.
+
+``--part athena``: ``--athena-n`` Athena queries in flight (moto behind tests/fakes/aws_proxy.py, each RUNNING
+for ``--athena-seconds``), three runs in the same process:
+
+- **baseline, per execution**: STEPWORKER_COALESCE_POLLS=false, no account quota: every step polls
+  GetQueryExecution on its own. Its state calls per second are the unthrottled demand D.
+- **stepworker**: watches and coalesced polls, against an account whose GetQueryExecution and
+  BatchGetQueryExecution quotas are D/2 each (the proxy answers over them with ThrottlingException).
+- **baseline under the quota**: per execution again, against that same account.
 """
 
 from __future__ import annotations
@@ -56,10 +65,14 @@ def run_queries(run: common.Bench, n: int, quota: int, seconds: float, timeout: 
     }
 
 
-def run_athena(run: common.Bench, n: int, seconds: float, timeout: float, **env: str) -> dict[str, object]:
-    """N Athena queries of ``seconds`` each, at once, through the recording proxy; the figures of that run."""
+def run_athena(run: common.Bench, n: int, seconds: float, timeout: float, rates: dict[str, float] | None = None,
+               **env: str) -> dict[str, object]:
+    """N Athena queries of ``seconds`` each, at once, through the recording proxy; the figures of that run.
+
+    ``rates`` makes the proxy an account with those API rate quotas (ThrottlingException over them).
+    """
     assert run.moto_url is not None
-    proxy = AwsProxy(run.moto_url, athena_seconds=seconds).start()
+    proxy = AwsProxy(run.moto_url, athena_seconds=seconds, rates=rates).start()
     try:
         run.start_worker("stepworker", ["-m", "worker.cli", "worker", "-Q", run.queue, "-c", "2", "--pool",
                                         "prefork", "-n", "stepworker@%h", "-l", "WARNING"],
@@ -76,14 +89,18 @@ def run_athena(run: common.Bench, n: int, seconds: float, timeout: float, **env:
         proxy.stop()
     pipe = run.client.pipeline(transaction=False)
     for execution_id in ids:
-        pipe.hget(run.keys.step(execution_id, 0), "polls")
-    polls = sum(int(p or 0) for p in pipe.execute())
+        pipe.hmget(run.keys.step(execution_id, 0), ["polls", "looks"])
+    counted = pipe.execute()
     state_calls = operations.count("GetQueryExecution") + operations.count("BatchGetQueryExecution")
     return {
         "succeeded": ended.count(Status.SUCCEEDED),
-        "poll phases": polls,
+        "failed": n - ended.count(Status.SUCCEEDED),
+        "phases (polls committed)": sum(int(polls or 0) for polls, _ in counted),
+        "looks without a phase": sum(int(looks or 0) for _, looks in counted),
         "GetQueryExecution calls": operations.count("GetQueryExecution"),
         "BatchGetQueryExecution calls": operations.count("BatchGetQueryExecution"),
+        "ThrottlingException answers": sum(proxy.throttled.values()),
+        "state calls per second": round(state_calls / wall, 1),
         "state calls per query per minute": round(state_calls / n / (wall / 60), 2),
         "wall time (s)": round(wall, 1),
     }
@@ -100,15 +117,22 @@ def logs_part(run: common.Bench, args: argparse.Namespace) -> None:
 
 
 def athena_part(run: common.Bench, args: argparse.Namespace) -> None:
-    """Part (b): N Athena queries in flight, polls coalesced and not."""
-    coalesced = run_athena(run, args.athena_n, args.athena_seconds, args.timeout)
+    """Part (b): N Athena queries in flight: polled per execution (the demand), then watched and coalesced
+    under an account quota of half that demand, and per execution under the same quota."""
     single = run_athena(run, args.athena_n, args.athena_seconds, args.timeout, STEPWORKER_COALESCE_POLLS="false")
-    rows = [[name, coalesced[name], single[name]] for name in coalesced]
-    print(f"\n{args.athena_n} athena.query in flight, each {args.athena_seconds:g} s")
-    print(common.table(["figure", "stepworker (coalesced)", "baseline (per-execution)"], rows))
+    half = max(1.0, float(str(single["state calls per second"])) / 2)
+    quota = {"GetQueryExecution": half, "BatchGetQueryExecution": half}
+    watched = run_athena(run, args.athena_n, args.athena_seconds, args.timeout, rates=quota)
+    throttled = run_athena(run, args.athena_n, args.athena_seconds, args.timeout, rates=quota,
+                           STEPWORKER_COALESCE_POLLS="false")
+    rows = [[name, watched[name], single[name], throttled[name]] for name in watched]
+    print(f"\n{args.athena_n} athena.query in flight, each {args.athena_seconds:g} s; "
+          f"account quota: {half:g} calls/s each for GetQueryExecution and BatchGetQueryExecution")
+    print(common.table(["figure", "stepworker (watched, under the quota)", "baseline (per-execution, no quota)",
+                        "baseline under the quota"], rows))
     key = "state calls per query per minute"
-    ratio = float(str(single[key])) / max(float(str(coalesced[key])), 1e-9)
-    print(f"AWS state calls per query per minute, baseline / coalesced: {ratio:.1f}x fewer")
+    ratio = float(str(single[key])) / max(float(str(watched[key])), 1e-9)
+    print(f"AWS state calls per query per minute, per-execution / watched: {ratio:.1f}x fewer")
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Self
 
@@ -10,12 +10,11 @@ from botocore.exceptions import ClientError
 from pydantic import Field, StringConstraints, model_validator
 
 from steps import outputs, permissions
-from steps.base import AwsParams, Done, Outcome, Poll, S3Uri, Step, StepContext
+from steps.base import AwsParams, Done, Outcome, Poll, S3Uri, Step, StepContext, Watch
 from steps.errors import RemoteFailed
 from steps.permissions import Grant
 
 if TYPE_CHECKING:
-    from types_boto3_athena import AthenaClient
     from types_boto3_athena.type_defs import (
         PaginatorConfigTypeDef,
         QueryExecutionStatusTypeDef,
@@ -28,7 +27,7 @@ FAILED = frozenset({"FAILED", "CANCELLED"})
 SUCCEEDED = frozenset({"SUCCEEDED"})
 
 PAGE_SIZE = 1000  # GetQueryResults' largest page
-BATCH_SIZE = 50  # BatchGetQueryExecution's largest batch
+WATCH = "athena.query"  # the watch kind of a query's state (worker/quotas/coalesce.py reads them in batches)
 NULL_TEXT = "Null Value"  # how the reference product shows SQL NULL in its log table
 CONSOLE_URL = (
     "https://{region}.console.aws.amazon.com/athena/home?region={region}#/query-editor/history/{query_id}"
@@ -54,21 +53,6 @@ def state_reason(status: QueryExecutionStatusTypeDef) -> str:
     """Athena's reason for a state: StateChangeReason, plus AthenaError's message when it adds something."""
     parts = (status.get("StateChangeReason", ""), status.get("AthenaError", {}).get("ErrorMessage", ""))
     return "; ".join(dict.fromkeys(part for part in parts if part))
-
-
-def batch_states(client: AthenaClient, query_ids: Iterable[str]) -> dict[str, tuple[str, str]]:
-    """``{query_id: (state, reason)}`` for many queries, in one BatchGetQueryExecution call per 50 ids.
-
-    Ids Athena could not look up (``UnprocessedQueryExecutionIds``) are left out: check those one by one.
-    """
-    ids = list(dict.fromkeys(query_ids))
-    states: dict[str, tuple[str, str]] = {}
-    for start in range(0, len(ids), BATCH_SIZE):
-        response = client.batch_get_query_execution(QueryExecutionIds=ids[start : start + BATCH_SIZE])
-        for execution in response["QueryExecutions"]:
-            status = execution["Status"]
-            states[execution["QueryExecutionId"]] = (status["State"], state_reason(status))
-    return states
 
 
 def _values(row: RowTypeDef, width: int, utility: bool) -> Row:
@@ -219,7 +203,7 @@ class QueryAthena(Step):
             raise self._failure(query_id, state, status)
         if state in SUCCEEDED:
             return Done(self._fetch(ctx, params, execution))
-        return Poll(state={"query_id": query_id, "last_state": state})
+        return Poll(state={"query_id": query_id, "last_state": state}, watch=Watch(WATCH, query_id, state))
 
     def cancel(self, ctx: StepContext, params: Params) -> None:
         """Stop the query an earlier phase started; a query that already finished is left as it is.
@@ -268,7 +252,7 @@ class QueryAthena(Step):
         url = console_url(ctx.region, query_id)
         text = f"Request successfully sent to Athena, see full results at {url}"
         ctx.log.info("athena.started", query_id=query_id, console_url=url, message=text)
-        return Poll(state={"query_id": query_id})
+        return Poll(state={"query_id": query_id}, watch=Watch(WATCH, query_id, ""))
 
     @staticmethod
     def _failure(query_id: str, state: str, status: QueryExecutionStatusTypeDef) -> RemoteFailed:

@@ -81,14 +81,31 @@ class Done:
 
 
 @dataclass(frozen=True)
+class Watch:
+    """What a polling step waits for: one AWS resource of a kind the fleet can look at in batches.
+
+    ``kind`` names a batch reader (``worker/engine/watches.py``: ``athena.query`` today), ``resource`` the
+    id AWS knows it by, and ``seen`` the state this phase saw. Until AWS reports another state, the
+    fleet's watcher reschedules the step without running its phase.
+    """
+
+    kind: str
+    resource: str
+    seen: str
+
+
+@dataclass(frozen=True)
 class Poll:
     """The step is waiting on AWS: save ``state`` and call ``run`` again later.
 
-    ``after`` is the delay in seconds; ``None`` lets the runner back off between its bounds.
+    ``after`` is the delay in seconds; ``None`` lets the runner back off between its bounds. With a
+    ``watch``, the next phase runs only once the watched resource's state differs from ``watch.seen``
+    (or when the watcher cannot tell); unchanged looks cost no phase.
     """
 
     state: Mapping[str, Any] = field(default_factory=dict)
     after: float | None = None
+    watch: Watch | None = None
 
 
 Outcome = Done | Poll

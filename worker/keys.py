@@ -56,6 +56,27 @@ class Keys:
         """String: the worker that runs the sweeper now (a lock with an expiry)."""
         return f"{self.prefix}:sweeper"
 
+    # -- watches (worker/engine/watches.py): polls answered in batches, unchanged ones deferred --------
+
+    @property
+    def watch_due(self) -> str:
+        """Sorted set: ``execution:index`` of every watched step → when the watcher should look at it."""
+        return f"{self.prefix}:watch:due"
+
+    @property
+    def watch_items(self) -> str:
+        """Hash: ``execution:index`` → what its watch waits for (kind, resource, seen state, phase) as JSON."""
+        return f"{self.prefix}:watch:items"
+
+    @property
+    def watcher_lock(self) -> str:
+        """String: the worker whose watcher looks at the fleet's watches now (a lock with an expiry)."""
+        return f"{self.prefix}:watcher"
+
+    def coalesced(self, group: str) -> str:
+        """Base name of one AWS access group's batched answers (``:<id>``, ``:looked``, ``:inflight``)."""
+        return f"{self.prefix}:coalesce:{group}"
+
     @property
     def events(self) -> str:
         """Stream: status changes of every execution."""

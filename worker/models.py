@@ -67,6 +67,7 @@ class StepView(BaseModel):
     finished_at: float | None = None
     attempts: int = 0
     polls: int = 0
+    looks: int = Field(0, description="Times the fleet's watcher looked and rescheduled the step without a phase")
     completions: int = 0
     region: str | None = None
     credential_source: str | None = None

@@ -42,8 +42,9 @@ def access_strings(prefix: str = "sw", queue_prefix: str = "stepworker") -> dict
     jobs = [f"~{prefix}:jobschedules", f"~{prefix}:jobschedules:next", f"~{prefix}:notify:*"]
     quotas = [f"~{prefix}:quota:bucket:*", f"~{prefix}:quota:slots:*", f"~{prefix}:quota:held:*",
               f"%R~{prefix}:quota:overrides"]
-    worker = [*executions, *jobs, *quotas, f"~{prefix}:sweeper", f"~{prefix}:nodes:*", f"%R~{prefix}:projects",
-              f"%R~{prefix}:keystore", f"%R~{prefix}:tokens", *_broker_keys(queue_prefix)]
+    watches = [f"~{prefix}:watch:*", f"~{prefix}:watcher", f"~{prefix}:coalesce:*"]
+    worker = [*executions, *jobs, *quotas, *watches, f"~{prefix}:sweeper", f"~{prefix}:nodes:*",
+              f"%R~{prefix}:projects", f"%R~{prefix}:keystore", f"%R~{prefix}:tokens", *_broker_keys(queue_prefix)]
     submitter = [*executions, *jobs, f"%R~{prefix}:projects", f"%R~{prefix}:tokens", f"~{prefix}:tokens:used",
                  f"%R~{prefix}:nodes:*", f"%R~{prefix}:webhooks", f"%R~{prefix}:quota:*", *_broker_keys(queue_prefix)]
     return {

@@ -24,6 +24,9 @@ Everything below is off unless asked for, so a plain ``AwsProxy(url)`` only reco
   ``StopQueryExecution`` of a RUNNING query is forwarded (moto: CANCELLED) and ends it; of a finished
   one it is a no-op, as in AWS. While a query is RUNNING, ``GetQueryResults`` is refused with
   InvalidRequestException, as Athena does. ``running_queries()`` is the set still RUNNING.
+- ``rates={"GetQueryExecution": 50.0}``: an account's API rate quota, a token bucket per action (that many
+  calls per second, as large a burst); a call over it is answered 400 ``ThrottlingException`` ("Rate
+  exceeded"), as AWS's JSON services do, and never reaches moto. ``throttled`` counts those answers.
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ class AwsProxy(LoopbackServer):
     """Forward every request to ``target``, record it, and let a hook answer instead."""
 
     def __init__(self, target: str, *, idempotency: bool = False, delays: Mapping[str, float] | None = None,
-                 athena_seconds: float | None = None) -> None:
+                 athena_seconds: float | None = None, rates: Mapping[str, float] | None = None) -> None:
         self.target = urllib.parse.urlsplit(target)
         self.requests: list[Recorded] = []
         self.hook: Hook | None = None
@@ -155,6 +158,9 @@ class AwsProxy(LoopbackServer):
         self.idempotency = idempotency
         self.delays = dict(delays or {})
         self.athena_seconds = athena_seconds
+        self.rates = dict(rates or {})
+        self.throttled: Counter[str] = Counter()
+        self._buckets: dict[str, tuple[float, float]] = {}  # action → (tokens, when counted)
         self.mutations: list[Mutation] = []
         self.queries: dict[str, _Query] = {}
         self._first_replies: dict[tuple[str, str], Reply] = {}
@@ -216,12 +222,27 @@ class AwsProxy(LoopbackServer):
         if self.hook and (hooked := self.hook(request)) is not None:
             return hooked
         action = request.operation
+        if action in self.rates and not self._take(action):
+            return _json_reply(400, {"__type": "ThrottlingException", "message": "Rate exceeded"})
         delay = self.delays.get(action)
         if delay and self._closing.wait(delay):
             return _json_reply(503, {"__type": "ServiceUnavailable", "message": "held by the test proxy"})
         if self.idempotency and action in TOKENS and request.mutation_key:
             return self._once_per_token(request)
         return self._answer(request)
+
+    def _take(self, action: str) -> bool:
+        """One token of ``action``'s bucket, if it has one (refilled at its rate, up to one second's worth)."""
+        rate, now = self.rates[action], time.monotonic()
+        with self._lock:
+            tokens, at = self._buckets.get(action, (rate, now))
+            tokens = min(rate, tokens + (now - at) * rate)
+            if tokens < 1:
+                self._buckets[action] = (tokens, now)
+                self.throttled[action] += 1
+                return False
+            self._buckets[action] = (tokens - 1, now)
+            return True
 
     def _once_per_token(self, request: Recorded) -> Reply:
         key = (request.operation, request.mutation_key)

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.fakes.aws_proxy import AwsProxy
 from tests.integration.conftest import ROOT, Stack
 from worker import redis_acl, sandbox
 from worker.dispatcher import Dispatcher
@@ -73,9 +74,11 @@ def test_a_job_runs_as_worker_and_submitter(acl_redis: tuple[int, str], aws: str
                                                        access_key_id="AKIAEXAMPLEACL000001",
                                                        secret_key_path="keys/project/ops/aws-secret",
                                                        region="us-east-1"))
+    # (the proxy keeps the Athena query RUNNING for 2 s, so the watcher defers it and batches its state)
+    proxy = AwsProxy(aws, athena_seconds=2).start()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("STEPWORKER_", "AWS_"))},
-        **sandbox.moto_env(aws), "STEPWORKER_REDIS_URL": url(port, "stepworker-worker"),
+        **sandbox.moto_env(proxy.url), "STEPWORKER_REDIS_URL": url(port, "stepworker-worker"),
         "STEPWORKER_KEY_PREFIX": prefix, "STEPWORKER_DEFAULT_QUEUE": QUEUE, "STEPWORKER_KEYSTORE_KEY": master,
         "STEPWORKER_POLL_MIN_SECONDS": "0.2", "STEPWORKER_POLL_MAX_SECONDS": "1",
         "STEPWORKER_SOFT_SHUTDOWN_TIMEOUT": "0", "PYTHONPATH": str(ROOT),
@@ -89,7 +92,8 @@ def test_a_job_runs_as_worker_and_submitter(acl_redis: tuple[int, str], aws: str
         stack.start_worker()
         done = stack.dispatcher.submit({"project": "ops", "steps": [
             {"type": "core.echo", "params": {"message": "hi"}}, {"type": "core.sleep", "params": {"seconds": 1}},
-            {"type": "sts.whoami"}]})
+            {"type": "sts.whoami"},
+            {"type": "athena.query", "params": {"query": "SELECT 1", "output_location": "s3://athena-results/acl/"}}]})
         sleeping = stack.dispatcher.submit({"project": "ops", "steps": [{"type": "core.sleep",
                                                                           "params": {"seconds": 60}}]})
         view = stack.dispatcher.wait(done, timeout=60)
@@ -99,8 +103,11 @@ def test_a_job_runs_as_worker_and_submitter(acl_redis: tuple[int, str], aws: str
         assert stack.dispatcher.wait(sleeping, timeout=30).status == Status.CANCELLED
         assert [entry.event for entry in stack.dispatcher.logs(done)]
         assert "NOPERM" not in stack.worker_logs()
+        assert "BatchGetQueryExecution" in proxy.operations()
+        assert view.steps[3].looks >= 1  # deferred by the watcher without a phase
     finally:
         stack.stop()
+        proxy.stop()
 
 
 REFUSED: list[tuple[str, str, Callable[[redis.Redis, str], Any]]] = [
@@ -156,8 +163,9 @@ def test_every_stepworker_key_is_in_the_layout() -> None:
     for user in ("stepworker-worker", "stepworker-submitter"):
         patterns = [part.split("~", 1)[1] for part in strings[user].split() if "~" in part]
         uncovered = [key for key in samples if not any(fnmatch.fnmatchcase(str(key), p) for p in patterns)]
-        # What each role must not touch at all: webhooks and token use are the API's; secrets and the
-        # sweeper lock are not the submitter's.
+        # What each role must not touch at all: webhooks and token use are the API's; secrets, the
+        # sweeper and the watcher (its lock, the watches and the batched AWS answers) are not the submitter's.
         allowed = {"stepworker-worker": {"sw:webhooks", "sw:tokens:used"},
-                   "stepworker-submitter": {"sw:keystore", "sw:sweeper"}}[user]
+                   "stepworker-submitter": {"sw:keystore", "sw:sweeper", "sw:watcher", "sw:watch:due",
+                                            "sw:watch:items", "sw:coalesce:0"}}[user]
         assert set(map(str, uncovered)) <= allowed, (user, uncovered)

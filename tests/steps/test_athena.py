@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from steps.athena import QueryAthena, batch_states, console_url
-from steps.base import Done, Poll
+from steps.athena import QueryAthena, console_url
+from steps.base import Done, Poll, Watch
 from steps.errors import RemoteFailed
 from tests.harness import LocalContext, PagingContext, assert_within_iam, run_step
 from worker import sandbox
@@ -179,7 +179,7 @@ def test_start_sends_the_idempotency_token_and_context(offline: None) -> None:
     stubber.add_response("start_query_execution", {"QueryExecutionId": "q-1"}, expected)
     params = {"query": QUERY, "database": "ops", "workgroup": "analytics", "bucket": "results"}
     outcome = QueryAthena().run(ctx, QueryAthena.Params.model_validate(params))
-    assert outcome == Poll(state={"query_id": "q-1"})
+    assert outcome == Poll(state={"query_id": "q-1"}, watch=Watch("athena.query", "q-1", ""))
     stubber.assert_no_pending_responses()
     assert_within_iam(QueryAthena, ctx)
 
@@ -191,7 +191,8 @@ def test_redelivered_first_phase_does_not_start_again(offline: None) -> None:
     stubber = stubbed(ctx)
     stubber.add_response("get_query_execution", execution("RUNNING"), {"QueryExecutionId": "q-1"})
     outcome = QueryAthena().run(ctx, QueryAthena.Params(query=QUERY))
-    assert outcome == Poll(state={"query_id": "q-1", "last_state": "RUNNING"})
+    assert outcome == Poll(state={"query_id": "q-1", "last_state": "RUNNING"},
+                           watch=Watch("athena.query", "q-1", "RUNNING"))
     assert ctx.calls == ["athena:GetQueryExecution"]
     stubber.assert_no_pending_responses()
 
@@ -337,31 +338,6 @@ def test_cancel_before_start_calls_nothing(offline: None) -> None:
     stubber.assert_no_pending_responses()
 
 
-def test_batch_states_checks_fifty_ids_per_call(offline: None) -> None:
-    """Stubber: moto's BatchGetQueryExecution crashes (HTTP 500), so the batching is checked on stubs."""
-    ctx = LocalContext()
-    stubber = stubbed(ctx)
-    ids = [f"q-{n}" for n in range(60)]
-
-    def found(batch: list[str]) -> dict[str, Any]:
-        done = {"State": "SUCCEEDED"}
-        failed = {"State": "FAILED", "StateChangeReason": "boom"}
-        executions = [
-            {"QueryExecutionId": q, "Status": failed if q == "q-7" else done} for q in batch if q != "q-59"
-        ]
-        unprocessed = [{"QueryExecutionId": q, "ErrorCode": "INVALID"} for q in batch if q == "q-59"]
-        return {"QueryExecutions": executions, "UnprocessedQueryExecutionIds": unprocessed}
-
-    for batch in (ids[:50], ids[50:]):
-        stubber.add_response("batch_get_query_execution", found(batch), {"QueryExecutionIds": batch})
-    states = batch_states(ctx.client("athena"), [*ids, "q-1"])
-    assert len(states) == 59
-    assert states["q-7"] == ("FAILED", "boom")
-    assert states["q-0"] == ("SUCCEEDED", "")
-    assert "q-59" not in states
-    stubber.assert_no_pending_responses()
-
-
 def test_console_url_matches_the_reference_link() -> None:
     assert console_url("eu-west-1", "abc") == (
         "https://eu-west-1.console.aws.amazon.com/athena/home?region=eu-west-1#/query-editor/history/abc"
@@ -451,7 +427,7 @@ def test_a_retryable_failure_is_resubmitted_with_a_token_of_its_own(offline: Non
     params = QueryAthena.Params(query=QUERY, resubmits=1)
     with capture_logs() as logs:
         outcome = QueryAthena().run(ctx, params)
-    assert outcome == Poll(state={"query_id": "q-2"})
+    assert outcome == Poll(state={"query_id": "q-2"}, watch=Watch("athena.query", "q-2", ""))
     assert any(entry["event"] == "athena.resubmitting" for entry in logs)
     ctx.state.update(outcome.state)
     stubber.add_response("get_query_execution", failed_retryable("q-2"), {"QueryExecutionId": "q-2"})

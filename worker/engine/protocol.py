@@ -198,6 +198,16 @@ class _RowsArgs:
 
 
 @dataclass(frozen=True)
+class _CommitKeys:
+    step: str
+    logs: str
+    cancel: str
+    schedule: str
+    watch_due: str
+    watch_items: str
+
+
+@dataclass(frozen=True)
 class _CommitArgs:
     token: str
     member: str
@@ -208,6 +218,37 @@ class _CommitArgs:
     stopping: int
     logs: str
     log_maxlen: int
+    watch: str
+
+
+@dataclass(frozen=True)
+class _WatchKeys:
+    step: str
+    cancel: str
+    schedule: str
+    due: str
+    items: str
+
+
+@dataclass(frozen=True)
+class _WatchArgs:
+    member: str
+    phase: int
+    verdict: str
+    delay: float
+    grace: float
+    item: str
+
+
+@dataclass(frozen=True)
+class Look:
+    """The watcher's verdict on one watched step: ``wake`` it, or ``defer`` it by ``delay`` (storing ``item``)."""
+
+    member: str
+    phase: int
+    verdict: Literal["wake", "defer"]
+    delay: float = 0.0
+    item: str = ""
 
 
 @dataclass(frozen=True)
@@ -316,7 +357,8 @@ class StateMachine:
         self._renew = Script(client, "renew", _LeaseKeys, _RenewArgs)
         self._checkpoint = Script(client, "checkpoint", _LeaseKeys, _CheckpointArgs)
         self._write_rows = Script(client, "write_rows", _RowsKeys, _RowsArgs)
-        self._commit_poll = Script(client, "commit_poll", _LeaseKeys, _CommitArgs)
+        self._commit_poll = Script(client, "commit_poll", _CommitKeys, _CommitArgs)
+        self._watch_look = Script(client, "watch_look", _WatchKeys, _WatchArgs)
         self._finish = Script(client, "finish", _FinishKeys, _FinishArgs)
         self._cancel = Script(client, "request_cancel", _CancelKeys, _ExecutionArgs)
         self._due = Script(client, "due", _ScheduleKeys, _DueArgs)
@@ -411,15 +453,22 @@ class StateMachine:
         return int(stored)
 
     def commit_poll(self, lease: Lease, state: Mapping[str, Any], *, attempts: int, countdown: float,
-                    stopping: bool = False, logs: Sequence[Mapping[str, str]] = ()) -> Literal["ok", "cancel"]:
+                    stopping: bool = False, logs: Sequence[Mapping[str, str]] = (),
+                    watch: Mapping[str, Any] | None = None) -> Literal["ok", "cancel"]:
         """End the phase in a poll: save ``state``, release the lease, schedule the next phase.
 
-        Returns ``cancel`` (state saved, lease kept) when a cancel was requested, unless ``stopping``
-        (a stop that failed transiently, retried by the next phase). Raises LeaseLost.
+        With ``watch``, the watcher looks at the step after ``countdown`` (worker/engine/watches.py);
+        the caller then publishes no countdown message. Returns ``cancel`` (state saved, lease kept)
+        when a cancel was requested, unless ``stopping`` (a stop that failed transiently, retried by the
+        next phase). Raises LeaseLost.
         """
         args = _CommitArgs(lease.token, lease.member, json.dumps(dict(state)), attempts, countdown,
-                           self.timing.grace_seconds, int(stopping), _logs(logs), self.timing.log_maxlen)
-        verdict = self._commit_poll(self._lease_keys(lease), args)
+                           self.timing.grace_seconds, int(stopping), _logs(logs), self.timing.log_maxlen,
+                           json.dumps(dict(watch), sort_keys=True) if watch else "")
+        keys = _CommitKeys(self.keys.step(lease.execution_id, lease.index), self.keys.logs(lease.execution_id),
+                           self.keys.cancel(lease.execution_id), self.keys.schedule, self.keys.watch_due,
+                           self.keys.watch_items)
+        verdict = self._commit_poll(keys, args)
         if verdict == "fenced":
             raise LeaseLost(lease)
         return "cancel" if verdict == "cancel" else "ok"
@@ -458,6 +507,17 @@ class StateMachine:
         if reply[0] != "idle":
             return CancelReply(reply[0])
         return CancelReply("idle", int(reply[1]), reply[2], reply[3], int(reply[4]))
+
+    def look(self, verdicts: Sequence[Look]) -> list[str]:
+        """Apply the watcher's verdicts (one round trip); each one's outcome: ``wake``, ``defer`` or ``gone``."""
+        pipe = self.client.pipeline(transaction=False)
+        for one in verdicts:
+            execution_id, index = parse_member(one.member)
+            keys = _WatchKeys(self.keys.step(execution_id, index), self.keys.cancel(execution_id), self.keys.schedule,
+                              self.keys.watch_due, self.keys.watch_items)
+            args = _WatchArgs(one.member, one.phase, one.verdict, one.delay, self.timing.grace_seconds, one.item)
+            self._watch_look(keys, args, client=pipe)
+        return [str(outcome) for outcome in pipe.execute()]
 
     def sweep(self, limit: int = 500) -> list[Due]:
         """Phases that are due and unclaimed (each made due again after the grace period)."""

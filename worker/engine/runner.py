@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 import redis
 import structlog
 
-from steps.base import AwsParams, Done, Step, get_step
+from steps.base import AwsParams, Done, Step, Watch, get_step
 from steps.errors import Permanent, Throttled, Transient
 from worker import boundary, redaction
 from worker import logging as worker_logging
 from worker.aws_errors import classify
-from worker.engine import celery_app
+from worker.engine import celery_app, watches
 from worker.engine.connections import UNAVAILABLE, store_client
 from worker.engine.context import COLUMNS, ROWS_AT, PhaseContext
 from worker.engine.lease import HeldLease, Keeper
@@ -65,6 +65,8 @@ class Advance:
     countdown: float
     attempts: int
     stopping: bool = False  # a stop (cancel or timeout) failed transiently; the next phase tries again
+    watch: Watch | None = None  # what the next phase waits for (worker/engine/watches.py)
+    backoff: bool = True  # the runner chose the countdown (the watcher backs off from it)
 
 
 @dataclass(frozen=True)
@@ -159,14 +161,28 @@ class Runner:
 
     def _commit(self, current: Phase, result: Advance, started: float) -> bool:
         """Commit a poll and publish the next phase; False when a cancel request keeps the phase here."""
+        watch = self._watch(current, result)
         verdict = self.machine.commit_poll(current.lease, result.state, attempts=result.attempts,
                                            countdown=result.countdown, stopping=result.stopping,
-                                           logs=current.held.take())
+                                           logs=current.held.take(), watch=watch)
         if verdict == "cancel":
             return False
-        quiet.debug("phase.finished", outcome="poll", duration_ms=_ms(started))
-        self._publish(current, current.lease.phase + 1, result.countdown)
+        quiet.debug("phase.finished", outcome="watch" if watch else "poll", duration_ms=_ms(started))
+        if watch is None:
+            self._publish(current, current.lease.phase + 1, result.countdown)
         return True
+
+    def _watch(self, current: Phase, result: Advance) -> dict[str, Any] | None:
+        """The watch entry of the next phase, when the step waits on something the fleet reads in batches."""
+        if result.watch is None or current.aws is None or not self.settings.coalesce_polls:
+            return None
+        try:
+            return watches.item_for(result.watch, aws=current.aws, phase=current.lease.phase + 1,
+                                    record=current.record, project=str(current.claim.execution.get("project", "")),
+                                    countdown=result.countdown, backoff=result.backoff)
+        except Exception as exc:  # (no watch: the phase is published with its countdown, as without watches)
+            quiet.warning("phase.unwatched", error=classify(exc).message)
+            return None
 
     def _phase(self, current: Phase) -> Advance | End:
         record = current.record
@@ -202,7 +218,8 @@ class Runner:
         next_state.pop(CAPACITY, None)
         if current.ctx.position:
             next_state[ROWS_AT] = current.ctx.position
-        return Advance(next_state, self._poll_delay(outcome.after, polls), 0)
+        return Advance(next_state, self._poll_delay(outcome.after, polls), 0, watch=outcome.watch,
+                       backoff=outcome.after is None)
 
     def _skipped(self, current: Phase) -> End | None:
         """SKIPPED when the step's ``when:`` is false (worker/jobs), FAILED when it cannot be decided."""
@@ -329,6 +346,18 @@ class Runner:
         return float(min(self.settings.poll_min_seconds * 2.0**polls, bound))
 
     # -- AWS access ----------------------------------------------------------------------------
+
+    def access_for(self, execution_id: str, index: int) -> AwsAccess | None:
+        """The AWS access a stored step runs with (None: it has none, or it is gone), as its phases resolve it."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.machine.keys.step(execution_id, index))
+        pipe.hget(self.machine.keys.execution(execution_id), "project")
+        record, project = pipe.execute()
+        if not record:
+            return None
+        record = passing.resolved_record(self.client, self.machine.keys, execution_id, index, record)
+        _, params = self.admit(record, str(project or ""), first=False)
+        return self._aws_for(record, params, execution_id)
 
     def _aws_for(self, record: Mapping[str, str], params: Any, execution_id: str) -> AwsAccess | None:
         """AWS access from the step's params, the project layer frozen at submit and this worker's settings."""

@@ -23,7 +23,7 @@ from celery import Celery
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from worker.engine import celery_app
+from worker.engine import celery_app, watches
 from worker.engine.connections import store_client
 from worker.engine.protocol import Due, StateMachine, Timing
 from worker.keys import Keys
@@ -89,12 +89,13 @@ _running: list[Sweeper] = []
 
 
 def start(settings: Settings) -> Sweeper:
-    """Start this process's sweeper thread, and the notifier thread (it stops with the sweeper)."""
+    """Start this process's sweeper thread, and the notifier and watcher threads (they stop with the sweeper)."""
     from worker.jobs import notify  # noqa: PLC0415
 
     sweeper = Sweeper(settings, store_client(settings, "worker"), celery_app.publisher(settings))
     threading.Thread(target=sweeper.run, name="stepworker-sweeper", daemon=True).start()
     notify.start(settings, sweeper.machine.client, sweeper.stopped)
+    watches.start(settings, sweeper.machine.client, sweeper.broker, sweeper.stopped)
     _running.append(sweeper)
     return sweeper
 

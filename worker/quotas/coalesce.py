@@ -7,8 +7,8 @@ in-flight ones of the group refreshed longest ago, and caches every answer for `
 next 49 phases of that group then get their state without an AWS call. The answer reaches the step as
 GetQueryExecution's reply (a botocore ``before-call`` handler returns it), so the step is unchanged.
 
-Not done here (the issue asks for it): a poll whose state did not change still runs its phase (a Celery
-task and a few Redis round trips); it only makes no AWS call.
+The fleet's watcher (worker/engine/watches.py) reads its batches through :func:`watch_states`, into the
+same cache: a step it wakes because its query changed finds the new state there.
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ import functools
 import hashlib
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 
 from worker.quotas import hooks
+
+if TYPE_CHECKING:
+    from worker.credentials import AwsAccess
 
 BATCH = 50  # BatchGetQueryExecution's largest batch
 #: The oldest batched answer a poll accepts, and only when it was fetched after that query's previous look:
@@ -41,7 +44,7 @@ def install(client: Any) -> None:
 
 
 def _group_head(scope: hooks.Scope) -> str:
-    return f"{scope.overrides.store.keys.prefix}:quota:athena:{group_of(scope)}"
+    return scope.overrides.store.keys.coalesced(group_of(scope.aws))
 
 
 def _started(parsed: Any = None, **_: Any) -> None:
@@ -54,11 +57,11 @@ def _started(parsed: Any = None, **_: Any) -> None:
     scope.overrides.store.client.zadd(inflight, {str(query_id): 0}, nx=True)
 
 
-def group_of(scope: hooks.Scope) -> str:
-    """The group of a scope's AWS access: its frozen configuration (credentials and region) as a digest."""
-    config = {k: v for k, v in scope.aws.config.describe().items() if k != "sources"}
-    digest = hashlib.sha256(json.dumps([config, scope.aws.region], sort_keys=True).encode()).hexdigest()[:16]
-    return f"{scope.where}:{digest}"
+def group_of(aws: AwsAccess) -> str:
+    """An AWS access's group: ``account/region:`` and a digest of its frozen configuration (credentials, region)."""
+    config = {k: v for k, v in aws.config.describe().items() if k != "sources"}
+    digest = hashlib.sha256(json.dumps([config, aws.region], sort_keys=True).encode()).hexdigest()[:16]
+    return f"{hooks.account_of(aws)}/{aws.region}:{digest}"
 
 
 def _get(client: Any, params: Any = None, **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
@@ -82,7 +85,7 @@ def _get(client: Any, params: Any = None, **_: Any) -> tuple[AWSResponse, dict[s
         try:
             entry = _batch(client, redis_client, head, query_id)
         except Exception as exc:  # (a batch that fails leaves the poll to the plain call, which says why)
-            if _server_error(exc):
+            if server_error(exc):
                 _unsupported.add(head)  # e.g. an emulator without the API: stop asking it in this process
             return None
         if entry is None:
@@ -96,31 +99,45 @@ def _get(client: Any, params: Any = None, **_: Any) -> tuple[AWSResponse, dict[s
     return AWSResponse("", 200, HTTPHeaders(), None), parsed
 
 
-def _server_error(exc: Exception) -> bool:
+def server_error(exc: Exception) -> bool:
+    """Did AWS (or what stands in for it) answer with a server error (HTTP 5xx)?"""
     response = getattr(exc, "response", None)
     status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0) if response else 0
     return status >= 500
 
 
 def _batch(client: Any, redis_client: Any, head: str, query_id: str) -> dict[str, Any] | None:
+    redis_client.zremrangebyscore(f"{head}:inflight", "-inf", time.time() - STALE_SECONDS)
+    others = [m for m in redis_client.zrange(f"{head}:inflight", 0, BATCH - 1) if m != query_id][: BATCH - 1]
+    return refresh(client, redis_client, head, [query_id, *others]).get(query_id)
+
+
+def refresh(client: Any, redis_client: Any, head: str, query_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Ask BatchGetQueryExecution for ≤ 50 queries and cache every answer; ``{id: cache entry}`` of those found.
+
+    Ids Athena did not find (``UnprocessedQueryExecutionIds``) leave the in-flight set and are left out.
+    """
     now = time.time()
     inflight = f"{head}:inflight"
-    redis_client.zremrangebyscore(inflight, "-inf", now - STALE_SECONDS)
-    others = [m for m in redis_client.zrange(inflight, 0, BATCH - 1) if m != query_id][: BATCH - 1]
-    response = client.batch_get_query_execution(QueryExecutionIds=[query_id, *others])
+    response = client.batch_get_query_execution(QueryExecutionIds=query_ids[:BATCH])
     pipe = redis_client.pipeline(transaction=False)
-    mine: dict[str, Any] | None = None
+    found: dict[str, dict[str, Any]] = {}
     for execution in response.get("QueryExecutions", []):
         qid = execution["QueryExecutionId"]
-        entry = json.loads(json.dumps({"at": now, "execution": execution}, default=str))
+        entry = found[qid] = json.loads(json.dumps({"at": now, "execution": execution}, default=str))
         pipe.set(f"{head}:{qid}", json.dumps(entry), px=int(CACHE_SECONDS * 1000))
         if execution["Status"]["State"] in TERMINAL:
             pipe.zrem(inflight, qid)
         else:
             pipe.zadd(inflight, {qid: now})
-        mine = entry if qid == query_id else mine
     for unknown in response.get("UnprocessedQueryExecutionIds", []):
         pipe.zrem(inflight, unknown.get("QueryExecutionId", ""))
     pipe.expire(inflight, int(STALE_SECONDS * 4))
     pipe.execute()
-    return mine
+    return found
+
+
+def watch_states(client: Any, redis_client: Any, head: str, query_ids: list[str]) -> dict[str, str]:
+    """The watcher's batch reader of ``athena.query`` watches: ``{query id: state}`` of those Athena found."""
+    entries = refresh(client, redis_client, head, query_ids)
+    return {qid: str(entry["execution"]["Status"]["State"]) for qid, entry in entries.items()}
