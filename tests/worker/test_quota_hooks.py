@@ -90,6 +90,39 @@ def test_no_slot_means_a_capacity_wait_and_no_call(store: QuotaStore, fake: Quot
     assert fake.operations().count("StartQuery") == 1
 
 
+def test_a_rate_wait_reserves_the_token_and_the_next_phase_calls_without_taking(
+    store: QuotaStore, fake: QuotaLogsInsights
+) -> None:
+    # Given a fleet limit of one GetQueryResults a second, spent by one call
+    limit = {"logs.get_query_results": LimitOverride(rate=1, burst=1)}
+    client = logs_client(fake.url)
+    bind(store, "e1:0", **limit)
+    query_id = start(client)
+    client.get_query_results(queryId=query_id)
+    # When the next call finds no token
+    with pytest.raises(hooks.CapacityWait) as raised:
+        client.get_query_results(queryId=query_id)
+    # Then it is told when its reserved token is due, with no call made
+    assert raised.value.reserved == "logs.GetQueryResults"
+    assert 0 < raised.value.retry_after <= 1.0
+    assert fake.operations().count("GetQueryResults") == 1
+    # And a later caller queues behind that reservation
+    bind(store, "e2:0", **limit)
+    with pytest.raises(hooks.CapacityWait) as behind:
+        client.get_query_results(queryId=query_id)
+    assert behind.value.retry_after > raised.value.retry_after
+    # And the waiting step's next phase makes its call without taking a token again (none is left to take)
+    role = RoleHop(f"arn:aws:iam::{ACCOUNT}:role/r")
+    aws = SimpleNamespace(region="eu-west-1", config=SimpleNamespace(roles=(role,)))
+    hooks.bind(hooks.Scope(hooks.Overrides(store, limit), "e1:0", "p", cast(Any, aws),
+                           reserved={raised.value.reserved}))
+    fake.rates = {}  # (the fake's own 1/s quota is not what is tested here)
+    client.get_query_results(queryId=query_id)
+    assert fake.operations().count("GetQueryResults") == 2
+    with pytest.raises(hooks.CapacityWait):  # (the reservation is spent once)
+        client.get_query_results(queryId=query_id)
+
+
 def test_a_refused_start_gives_the_slot_back(store: QuotaStore, fake: QuotaLogsInsights) -> None:
     # Given a limiter that allows 2 queries where the account allows 1 (others use the quota)
     client = logs_client(fake.url)

@@ -52,6 +52,37 @@ def test_tokens_refill_at_the_rate_and_never_past_the_burst(store: QuotaStore) -
     assert takes(store, [b], T0 + 1000.0, 10) == 5
 
 
+def test_reserved_tokens_queue_the_callers_one_wait_each(store: QuotaStore) -> None:
+    # Given an empty bucket of 2 tokens/s and 40 callers at once
+    b = bucket(store, rate=2.0, burst=1.0)
+    assert store.reserve([b], 30.0, at=T0) == (0.0, True)
+    waits = [store.reserve([b], 30.0, at=T0) for _ in range(40)]
+    # Then each is told a later time than the one before, half a second apart (the rate)
+    assert [ok for _, ok in waits] == [True] * 40
+    assert [wait for wait, _ in waits] == pytest.approx([0.5 * n for n in range(1, 41)])
+    # And past the 30 s horizon a caller is refused, reserving nothing
+    beyond = [store.reserve([b], 30.0, at=T0) for _ in range(30)]
+    assert [ok for _, ok in beyond] == [True] * 20 + [False] * 10
+    assert beyond[-1][0] == pytest.approx(30.5)
+
+
+def test_a_refused_take_does_not_join_the_queue_of_reservations(store: QuotaStore) -> None:
+    b = bucket(store, rate=2.0, burst=1.0)
+    store.reserve([b], 30.0, at=T0)
+    assert store.take([b], at=T0) == pytest.approx(0.5)
+    assert store.take([b], at=T0) == pytest.approx(0.5)  # (take never goes into debt)
+    assert store.reserve([b], 30.0, at=T0) == (0.5, True)
+    assert store.take([b], at=T0) == pytest.approx(1.0)
+
+
+def test_a_cut_keeps_the_debts_of_reservations(store: QuotaStore) -> None:
+    b = bucket(store, rate=2.0, burst=1.0)
+    for _ in range(5):
+        store.reserve([b], 30.0, at=T0)  # 1 now, 4 owed: the bucket is 4 tokens in debt
+    store.cut([b], at=T0)  # the rate halves to 1/s; the debt stays
+    assert store.take([b], at=T0) == pytest.approx(5.0)
+
+
 def test_taking_from_several_buckets_is_all_or_none(store: QuotaStore) -> None:
     wide, narrow = bucket(store, burst=5, name="wide"), bucket(store, burst=1, name="narrow")
     assert takes(store, [wide, narrow], T0, 3) == 1

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 #: State key: waits for capacity so far (cleared by the next phase that gets on).
 CAPACITY = "__capacity_waits"
+#: State key: the call whose tokens were reserved when the step began to wait (its next phase spends them).
+RESERVED = "__reserved"
 
 log = structlog.get_logger("stepworker.quotas")
 quiet = structlog.get_logger("stepworker.runner.quiet")
@@ -42,12 +44,16 @@ def _overrides(client: redis.Redis, settings: Settings) -> hooks.Overrides:
 
 
 def quota_scope(client: redis.Redis, settings: Settings, member: str, execution: Mapping[str, str],
-                aws: AwsAccess | None) -> None:
-    """Bind the phase's quota scope: its AWS calls take from the fleet's buckets and slots."""
+                aws: AwsAccess | None, *, reserved: str = "", reserve: bool = True) -> None:
+    """Bind the phase's quota scope: its AWS calls take from the fleet's buckets and slots.
+
+    ``reserved``: the call an earlier phase reserved tokens for; ``reserve=False``: refuse rather than reserve.
+    """
     if aws is None or not settings.quotas_enabled:
         hooks.bind(None)
         return
-    hooks.bind(hooks.Scope(_overrides(client, settings), member, str(execution.get("project", "")), aws))
+    hooks.bind(hooks.Scope(_overrides(client, settings), member, str(execution.get("project", "")), aws,
+                           reserve=reserve, reserved={reserved} if reserved else set()))
 
 
 def capacity_wait(error: StepError, state: Mapping[str, Any]) -> tuple[dict[str, Any], float] | None:
@@ -59,4 +65,4 @@ def capacity_wait(error: StepError, state: Mapping[str, Any]) -> tuple[dict[str,
         log.warning("step.waiting_for_capacity", message=error.message, quota=error.resource_id)
     else:
         quiet.debug("step.waiting_for_capacity", message=error.message, wait=waits + 1)
-    return {**state, CAPACITY: waits + 1}, error.retry_after
+    return {**state, CAPACITY: waits + 1, RESERVED: error.reserved}, error.retry_after

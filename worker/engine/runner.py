@@ -33,7 +33,7 @@ from worker.engine.connections import UNAVAILABLE, store_client
 from worker.engine.context import COLUMNS, ROWS_AT, PhaseContext
 from worker.engine.lease import HeldLease, Keeper
 from worker.engine.protocol import Claim, Lease, LeaseLost, StateMachine, Timing
-from worker.engine.quota_waits import CAPACITY, capacity_wait, quota_scope
+from worker.engine.quota_waits import CAPACITY, RESERVED, capacity_wait, quota_scope
 from worker.jobs import passing
 from worker.keys import Keys
 from worker.models import Status
@@ -216,6 +216,7 @@ class Runner:
         next_state = {**current.ctx.state, **outcome.state}
         next_state.pop(THROTTLED, None)
         next_state.pop(CAPACITY, None)
+        next_state.pop(RESERVED, None)
         if current.ctx.position:
             next_state[ROWS_AT] = current.ctx.position
         return Advance(next_state, self._poll_delay(outcome.after, polls), 0, watch=outcome.watch,
@@ -243,7 +244,8 @@ class Runner:
                                               first=current.lease.phase == 0)
         current.step = step_cls()
         current.aws = self._aws_for(record, current.params, current.lease.execution_id)
-        quota_scope(self.client, self.settings, current.lease.member, current.claim.execution, current.aws)
+        quota_scope(self.client, self.settings, current.lease.member, current.claim.execution, current.aws,
+                    reserved=str(state.get(RESERVED) or ""))
         current.ctx = PhaseContext(held=current.held, state=state, aws=current.aws,
                                    default_region=self.settings.aws_region or "us-east-1", log=log,
                                    max_rows=self.settings.max_rows)

@@ -158,7 +158,7 @@ class Watcher:
                 return [(_wake(m, item), item) for m, item in entries]
             from worker.engine.quota_waits import quota_scope  # noqa: PLC0415  (it imports the runner's side)
 
-            quota_scope(self.client, self.settings, member, {"project": first["project"]}, aws)
+            quota_scope(self.client, self.settings, member, {"project": first["project"]}, aws, reserve=False)
             client = hooks.guard(aws.client(reader.service))
             states = reader.states(client, self.client, self.keys.coalesced(group),
                                    [item["resource"] for _, item in entries])

@@ -37,20 +37,29 @@ _GUARDED = "_stepworker_quotas"
 OVERRIDES_SECONDS = 10.0
 
 
+#: A call that would wait at most this long for its API's tokens reserves them and waits once.
+RESERVE_SECONDS = 30.0
+
+
 class CapacityWait(Throttled):
-    """No capacity under an AWS quota right now: wait ``retry_after`` seconds in the schedule, then try again."""
+    """No capacity under an AWS quota right now: wait ``retry_after`` seconds in the schedule, then try again.
+
+    ``reserved`` names the call (``service.Operation``) whose tokens are already taken for it: the next
+    phase makes that call without taking again.
+    """
 
     def __init__(self, message: str, *, code: str = "CapacityWait", resource_id: str = "",
-                 retry_after: float = 1.0) -> None:
+                 retry_after: float = 1.0, reserved: str = "") -> None:
         super().__init__(message, code=code, resource_id=resource_id)
         self.retry_after = retry_after
+        self.reserved = reserved
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild, (self.message, self.code, self.resource_id, self.retry_after))
+        return (_rebuild, (self.message, self.code, self.resource_id, self.retry_after, self.reserved))
 
 
-def _rebuild(message: str, code: str, resource_id: str, retry_after: float) -> CapacityWait:
-    return CapacityWait(message, code=code, resource_id=resource_id, retry_after=retry_after)
+def _rebuild(message: str, code: str, resource_id: str, retry_after: float, reserved: str) -> CapacityWait:
+    return CapacityWait(message, code=code, resource_id=resource_id, retry_after=retry_after, reserved=reserved)
 
 
 @dataclass
@@ -88,6 +97,8 @@ class Scope:
     member: str
     project: str
     aws: AwsAccess
+    reserve: bool = True  # reserve tokens for a later phase rather than refuse (False: the watcher's calls)
+    reserved: set[str] = field(default_factory=set)  # calls whose tokens an earlier phase reserved
 
     @property
     def where(self) -> str:
@@ -153,11 +164,16 @@ def _before_call(model: Any, **_: Any) -> None:
             raise CapacityWait(f"waiting for capacity: {reply.holders}/{reply.limit} {call.slot.title} running "
                                f"in {where}", resource_id=call.slot.name,
                                retry_after=min(30.0, 1.0 + 0.05 * reply.place))
-    wait = store.take(_buckets(scope, call, own, where))
+    name = f"{model.service_model.service_name}.{model.name}"
+    if name in scope.reserved:
+        scope.reserved.discard(name)  # (its tokens were taken when the wait began)
+        return
+    wait, reserved = store.reserve(_buckets(scope, call, own, where), RESERVE_SECONDS if scope.reserve else 0.0)
     if wait:
         names = ", ".join(limit.title for limit in call.rates)
         raise CapacityWait(f"waiting for capacity: {names} at their rate limit in {where}",
-                           resource_id=call.rates[0].name, retry_after=min(30.0, max(wait, 0.2)))
+                           resource_id=call.rates[0].name, retry_after=wait if reserved else min(30.0, max(wait, 0.2)),
+                           reserved=name if reserved else "")
 
 
 def _buckets(scope: Scope, call: CallPlan, own: Mapping[str, Limit], where: str) -> list[Bucket]:

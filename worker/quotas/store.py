@@ -40,6 +40,7 @@ class _BucketArgs:
     recover: float
     ttl: int
     spec: str
+    reserve: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,17 @@ class QuotaStore:
         taken, wait = self._take(_BucketKeys(tuple(b.key for b in buckets)),
                                  _BucketArgs(at, RECOVER_SECONDS, TTL_SECONDS, spec))
         return 0.0 if int(taken) else float(wait)
+
+    def reserve(self, buckets: Sequence[Bucket], horizon: float, *, at: float = 0.0) -> tuple[float, bool]:
+        """Take a token from every bucket, now or — when the wait is at most ``horizon`` — reserved for later.
+
+        Returns ``(0, True)`` when taken now, ``(wait, True)`` when reserved (the caller's token is owed to it
+        after ``wait`` seconds: it calls then without taking again), ``(wait, False)`` when refused.
+        """
+        spec = json.dumps([[b.rate, b.burst] for b in buckets])
+        verdict, wait = self._take(_BucketKeys(tuple(b.key for b in buckets)),
+                                   _BucketArgs(at, RECOVER_SECONDS, TTL_SECONDS, spec, horizon))
+        return (0.0, True) if int(verdict) == 1 else (float(wait), int(verdict) == 2)
 
     def cut(self, buckets: Sequence[Bucket], *, at: float = 0.0) -> list[float]:
         """Halve the buckets' shared rates after a throttling answer; returns the rates now."""

@@ -7,12 +7,15 @@ local specs = cjson.decode(A.spec)
 local rates = {}
 for i, key in ipairs(K.buckets) do
   local ceiling = specs[i][1]
-  local b = redis.call('HMGET', key, 'cut_rate', 'cut_at')
+  local b = redis.call('HMGET', key, 'cut_rate', 'cut_at', 'tokens')
   local rate = ceiling
   if b[1] then rate = math.min(ceiling, tonumber(b[1]) + math.max(0, t - tonumber(b[2])) * ceiling / A.recover) end
   if not b[2] or t - tonumber(b[2]) >= A.cooldown then
     rate = math.max(ceiling * A.floor, rate / 2)
-    redis.call('HSET', key, 'cut_rate', tostring(rate), 'cut_at', tostring(t), 'tokens', '0', 'ts', tostring(t))
+    -- (emptied, but debts stay: tokens reserved before the cut are still owed)
+    local tokens = math.min(0, tonumber(b[3]) or 0)
+    redis.call('HSET', key, 'cut_rate', tostring(rate), 'cut_at', tostring(t), 'tokens', tostring(tokens),
+               'ts', tostring(t))
     redis.call('HINCRBY', key, 'cuts', 1)
     redis.call('EXPIRE', key, A.ttl)
   end
