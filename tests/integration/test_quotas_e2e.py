@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.fakes.aws_proxy import AwsProxy
 from tests.fakes.throttling_logs import DEFAULT_ACCOUNT, QuotaLogsInsights
 from tests.integration.conftest import Stack
 from worker.models import Status
@@ -66,3 +67,22 @@ def test_a_quota_smaller_than_the_limiter_thinks_costs_waits_not_failures(stack:
     assert statuses == [Status.SUCCEEDED] * 8
     assert fake.refused[(DEFAULT_ACCOUNT, "LimitExceededException")] >= 1
     assert fake.most_running[DEFAULT_ACCOUNT] <= 2
+
+
+def test_a_phase_that_needs_two_tokens_of_one_bucket_gets_both(stack: Stack) -> None:
+    """An Athena query's last phase calls GetQueryExecution and GetQueryResults, one bucket (athena.get).
+
+    Under a rate that lets one of them through at a time, each wait reserves its token and the phase keeps
+    what it reserved until it has both; a phase that spent its reservation on the first call and waited
+    again for the second would start over each time and never finish.
+    """
+    proxy = AwsProxy(stack.aws_url, athena_seconds=1).start()
+    try:
+        stack.start_worker({**FAST, "AWS_ENDPOINT_URL": proxy.url, "STEPWORKER_COALESCE_POLLS": "false",
+                            "STEPWORKER_QUOTAS": json.dumps({"athena.get": {"rate": 2, "burst": 1}})})
+        params = {"query": "SELECT 1", "output_location": "s3://athena-results/tokens/"}
+        ids = [stack.dispatcher.submit_step("athena.query", params) for _ in range(10)]
+        views = [stack.dispatcher.wait(execution, timeout=60) for execution in ids]
+    finally:
+        proxy.stop()
+    assert [view.status for view in views] == [Status.SUCCEEDED] * 10, views[0].steps[0].error

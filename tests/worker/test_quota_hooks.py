@@ -115,7 +115,7 @@ def test_a_rate_wait_reserves_the_token_and_the_next_phase_calls_without_taking(
     role = RoleHop(f"arn:aws:iam::{ACCOUNT}:role/r")
     aws = SimpleNamespace(region="eu-west-1", config=SimpleNamespace(roles=(role,)))
     hooks.bind(hooks.Scope(hooks.Overrides(store, limit), "e1:0", "p", cast(Any, aws),
-                           reserved={raised.value.reserved}))
+                           reserved=[raised.value.reserved]))
     fake.rates = {}  # (the fake's own 1/s quota is not what is tested here)
     client.get_query_results(queryId=query_id)
     assert fake.operations().count("GetQueryResults") == 2

@@ -7,7 +7,7 @@ ends such a wait. Its first wait is logged to the execution's log; the later one
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 #: State key: waits for capacity so far (cleared by the next phase that gets on).
 CAPACITY = "__capacity_waits"
-#: State key: the call whose tokens were reserved when the step began to wait (its next phase spends them).
+#: State key: calls whose tokens were reserved when the step began to wait, not spent yet (later phases spend
+#: them; a phase that needs two calls of one bucket may wait for each in turn, keeping the first one's).
 RESERVED = "__reserved"
 
 log = structlog.get_logger("stepworker.quotas")
@@ -44,16 +45,16 @@ def _overrides(client: redis.Redis, settings: Settings) -> hooks.Overrides:
 
 
 def quota_scope(client: redis.Redis, settings: Settings, member: str, execution: Mapping[str, str],
-                aws: AwsAccess | None, *, reserved: str = "", reserve: bool = True) -> None:
+                aws: AwsAccess | None, *, reserved: Sequence[str] = (), reserve: bool = True) -> None:
     """Bind the phase's quota scope: its AWS calls take from the fleet's buckets and slots.
 
-    ``reserved``: the call an earlier phase reserved tokens for; ``reserve=False``: refuse rather than reserve.
+    ``reserved``: the calls earlier phases reserved tokens for; ``reserve=False``: refuse rather than reserve.
     """
     if aws is None or not settings.quotas_enabled:
         hooks.bind(None)
         return
     hooks.bind(hooks.Scope(_overrides(client, settings), member, str(execution.get("project", "")), aws,
-                           reserve=reserve, reserved={reserved} if reserved else set()))
+                           reserve=reserve, reserved=list(reserved)))
 
 
 def capacity_wait(error: StepError, state: Mapping[str, Any]) -> tuple[dict[str, Any], float] | None:
@@ -65,4 +66,6 @@ def capacity_wait(error: StepError, state: Mapping[str, Any]) -> tuple[dict[str,
         log.warning("step.waiting_for_capacity", message=error.message, quota=error.resource_id)
     else:
         quiet.debug("step.waiting_for_capacity", message=error.message, wait=waits + 1)
-    return {**state, CAPACITY: waits + 1, RESERVED: error.reserved}, error.retry_after
+    scope = hooks.current_scope()
+    unspent = [*(scope.reserved if scope else ()), *([error.reserved] if error.reserved else [])]
+    return {**state, CAPACITY: waits + 1, RESERVED: unspent}, error.retry_after

@@ -245,7 +245,7 @@ class Runner:
         current.step = step_cls()
         current.aws = self._aws_for(record, current.params, current.lease.execution_id)
         quota_scope(self.client, self.settings, current.lease.member, current.claim.execution, current.aws,
-                    reserved=str(state.get(RESERVED) or ""))
+                    reserved=[str(name) for name in state.get(RESERVED) or ()])
         current.ctx = PhaseContext(held=current.held, state=state, aws=current.aws,
                                    default_region=self.settings.aws_region or "us-east-1", log=log,
                                    max_rows=self.settings.max_rows)

@@ -98,7 +98,7 @@ class Scope:
     project: str
     aws: AwsAccess
     reserve: bool = True  # reserve tokens for a later phase rather than refuse (False: the watcher's calls)
-    reserved: set[str] = field(default_factory=set)  # calls whose tokens an earlier phase reserved
+    reserved: list[str] = field(default_factory=list)  # calls whose tokens earlier phases reserved, unspent
 
     @property
     def where(self) -> str:
@@ -166,7 +166,7 @@ def _before_call(model: Any, **_: Any) -> None:
                                retry_after=min(30.0, 1.0 + 0.05 * reply.place))
     name = f"{model.service_model.service_name}.{model.name}"
     if name in scope.reserved:
-        scope.reserved.discard(name)  # (its tokens were taken when the wait began)
+        scope.reserved.remove(name)  # (its tokens were taken when the wait began)
         return
     wait, reserved = store.reserve(_buckets(scope, call, own, where), RESERVE_SECONDS if scope.reserve else 0.0)
     if wait:
