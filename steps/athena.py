@@ -203,7 +203,7 @@ class QueryAthena(Step):
             raise self._failure(query_id, state, status)
         if state in SUCCEEDED:
             return Done(self._fetch(ctx, params, execution))
-        return Poll(state={"query_id": query_id, "last_state": state}, watch=Watch(WATCH, query_id, state))
+        return Poll(state={"query_id": query_id, "last_state": state}, watch=Watch(WATCH, {query_id: state}))
 
     def cancel(self, ctx: StepContext, params: Params) -> None:
         """Stop the query an earlier phase started; a query that already finished is left as it is.
@@ -252,7 +252,7 @@ class QueryAthena(Step):
         url = console_url(ctx.region, query_id)
         text = f"Request successfully sent to Athena, see full results at {url}"
         ctx.log.info("athena.started", query_id=query_id, console_url=url, message=text)
-        return Poll(state={"query_id": query_id}, watch=Watch(WATCH, query_id, ""))
+        return Poll(state={"query_id": query_id}, watch=Watch(WATCH, {query_id: ""}))
 
     @staticmethod
     def _failure(query_id: str, state: str, status: QueryExecutionStatusTypeDef) -> RemoteFailed:

@@ -82,16 +82,16 @@ class Done:
 
 @dataclass(frozen=True)
 class Watch:
-    """What a polling step waits for: one AWS resource of a kind the fleet can look at in batches.
+    """What a polling step waits for: AWS resources of a kind the fleet can look at in batches.
 
-    ``kind`` names a batch reader (``worker/engine/watches.py``: ``athena.query`` today), ``resource`` the
-    id AWS knows it by, and ``seen`` the state this phase saw. Until AWS reports another state, the
-    fleet's watcher reschedules the step without running its phase.
+    ``kind`` names a batch reader (``worker/engine/watches.py``: Athena queries, EC2 instances and their
+    status checks, ECS tasks) and ``seen`` maps each resource, by the id AWS knows it by, to the state this
+    phase saw. Until AWS reports another state for one of them, the fleet's watcher reschedules the step
+    without running its phase.
     """
 
     kind: str
-    resource: str
-    seen: str
+    seen: Mapping[str, str]
 
 
 @dataclass(frozen=True)

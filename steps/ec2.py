@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Self
 from botocore.exceptions import ClientError
 from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
-from steps import outputs, permissions, waiters
-from steps.base import AwsParams, Done, InstanceId, Outcome, Poll, Step, StepContext
+from steps import batch_states, outputs, permissions, waiters
+from steps.base import AwsParams, Done, InstanceId, Outcome, Poll, Step, StepContext, Watch
 from steps.errors import Permanent, RemoteFailed
 
 if TYPE_CHECKING:
@@ -81,27 +81,37 @@ def _listing(states: Mapping[str, str]) -> str:
 
 # --- start / stop / reboot / terminate ----------------------------------------------------------------
 
-StateCheck = Callable[["EC2Client", list[str]], tuple[waiters.WaiterState, dict[str, str]]]
+#: (the waiter's verdict, each instance's state name, what to watch while the verdict is "retry")
+Checked = tuple[waiters.WaiterState, dict[str, str], Watch]
+StateCheck = Callable[["EC2Client", list[str]], Checked]
+
+
+def watch_states(kind: str, ids: Iterable[str], states: Mapping[str, str]) -> Watch:
+    """A watch on instances as seen (an instance the answer left out is seen as ``""``: any state wakes it)."""
+    return Watch(kind, {instance: states.get(instance, "") for instance in ids})
 
 
 def _reaches(waiter: str) -> StateCheck:
-    def check(ec2: EC2Client, ids: list[str]) -> tuple[waiters.WaiterState, dict[str, str]]:
+    def check(ec2: EC2Client, ids: list[str]) -> Checked:
         response = ec2.describe_instances(InstanceIds=ids)
-        return waiters.check(ec2, waiter, response), _states(response)
+        states = _states(response)
+        return waiters.check(ec2, waiter, response), states, watch_states(batch_states.EC2_INSTANCE, ids, states)
 
     return check
 
 
-def _status_ok(ec2: EC2Client, ids: list[str]) -> tuple[waiters.WaiterState, dict[str, str]]:
+def _status_ok(ec2: EC2Client, ids: list[str]) -> Checked:
     response = ec2.describe_instance_status(InstanceIds=ids, IncludeAllInstances=True)
     states: dict[str, str] = {
         s["InstanceId"]: s["InstanceState"]["Name"] for s in response["InstanceStatuses"]
     }
+    statuses = {s["InstanceId"]: batch_states.status_of(s) for s in response["InstanceStatuses"]}
+    watch = watch_states(batch_states.EC2_STATUS, ids, statuses)
     if NOT_COMING_UP.intersection(states.values()):
-        return "failure", states
+        return "failure", states, watch
     checks = (waiters.check(ec2, name, response) for name in ("instance_status_ok", "system_status_ok"))
     ok = set(states) == set(ids) and all(verdict == "success" for verdict in checks)
-    return ("success" if ok else "retry"), states
+    return ("success" if ok else "retry"), states, watch
 
 
 CHECKS: Mapping[str, StateCheck] = {
@@ -208,7 +218,7 @@ class _ChangeInstances(Step):
     ) -> Outcome:
         stages = self.stages(params)
         stage, polls = int(ctx.state.get("stage", 0)), int(ctx.state.get("polls", 0))
-        verdict, current = CHECKS[stages[stage]](ec2, list(params.instance_ids))
+        verdict, current, watch = CHECKS[stages[stage]](ec2, list(params.instance_ids))
         if verdict == "retry" and polls >= 1 and self.fell_back.intersection(current.values()):
             raise self._fell_back(ec2, params, stages[stage])
         if verdict == "failure":
@@ -220,7 +230,7 @@ class _ChangeInstances(Step):
             )
         if verdict == "retry":
             ctx.log.info("ec2.waiting", target=stages[stage], states=current)
-            return Poll(state={"stage": stage, "polls": polls + 1})
+            return Poll(state={"stage": stage, "polls": polls + 1}, watch=watch)
         if stage + 1 < len(stages):
             return Poll(state={"stage": stage + 1, "polls": 0})
         return self._done(ctx, changes, current)

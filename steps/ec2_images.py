@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 from botocore.exceptions import ClientError
 from pydantic import Field, StringConstraints, model_validator
 
-from steps import outputs, permissions, waiters
+from steps import batch_states, outputs, permissions, waiters
 from steps.base import AwsParams, Done, InstanceId, Outcome, Poll, Step, StepContext
-from steps.ec2 import CHECKS, NameTag, Tags, by_token, ec2_id, instances_of, tag_specs
+from steps.ec2 import CHECKS, NameTag, Tags, by_token, ec2_id, instances_of, tag_specs, watch_states
 from steps.errors import Permanent, RemoteFailed
 
 if TYPE_CHECKING:
@@ -310,19 +310,20 @@ class CreateInstancesFromSnapshot(Step):
             )
             raise RemoteFailed(f"launched instances did not start ({reasons})", code="LaunchFailed")
         if verdict == "retry":
-            return Poll()
+            states = {i["InstanceId"]: i["State"]["Name"] for i in instances_of(response)}
+            return Poll(watch=watch_states(batch_states.EC2_INSTANCE, ids, states))
         if params.wait_for_status_ok:
             return Poll(state={"running": True}, after=15.0)
         return self._done(ctx, image_id, [_launched(i) for i in instances_of(response)])
 
     def _status_checks(self, ctx: StepContext, ec2: EC2Client, image_id: str, ids: list[str],
                        response: DescribeInstancesResultTypeDef) -> Outcome:
-        verdict, states = CHECKS["status_ok"](ec2, ids)
+        verdict, states, watch = CHECKS["status_ok"](ec2, ids)
         if verdict == "failure":
             raise RemoteFailed(f"launched instances stopped before passing status checks ({states})",
                                code="LaunchFailed")
         if verdict == "retry":
-            return Poll()
+            return Poll(watch=watch)
         return self._done(ctx, image_id, [_launched(i) for i in instances_of(response)])
 
     def cancel(self, ctx: StepContext, params: Params) -> None:

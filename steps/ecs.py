@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 from botocore.exceptions import ClientError
 from pydantic import BeforeValidator, Field, StringConstraints, TypeAdapter, model_validator
 
-from steps import waiters
-from steps.base import AwsParams, Done, Outcome, Poll, Step, StepContext
+from steps import batch_states, waiters
+from steps.base import AwsParams, Done, Outcome, Poll, Step, StepContext, Watch
 from steps.errors import Permanent
 
 if TYPE_CHECKING:
@@ -107,7 +107,10 @@ class StopTasks(Step):
         arns = list(dict.fromkeys(stopped.values()))
         responses = list(describe(client, params.cluster, arns))
         if params.wait and not all(_all_stopped(client, response) for response in responses):
-            return Poll(state={"targets": targets, "stopped": stopped}, after=6)
+            seen = {batch_states.task_resource(params.cluster, t["taskArn"]): str(t.get("lastStatus", ""))
+                    for response in responses for t in response.get("tasks", [])}
+            return Poll(state={"targets": targets, "stopped": stopped}, after=6,
+                        watch=Watch(batch_states.ECS_TASK, seen))
         tasks = [task for response in responses for task in response.get("tasks", [])]
         rows = [[t["taskArn"], t.get("lastStatus"), t.get("stopCode"), t.get("stoppedReason")] for t in tasks]
         ctx.log_table("Stopped ECS tasks", ["TASK ARN", "LAST STATUS", "STOP CODE", "STOPPED REASON"], rows)

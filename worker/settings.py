@@ -76,7 +76,9 @@ class Settings(BaseSettings):
     max_string_chars: int = Field(64 * 1024, ge=64, description="Longest single string in a job")
     max_depth: int = Field(32, ge=4, le=256, description="Deepest nesting of lists and objects in a job")
     quotas_enabled: bool = Field(True, description="Enforce AWS quotas fleet-wide (off: each call on its own)")
-    coalesce_polls: bool = Field(True, description="Answer Athena polls with BatchGetQueryExecution, 50 at a time")
+    coalesce_polls: bool = Field(
+        True, description="Watch polling steps in batches (Athena, EC2, ECS); run a phase only on a change"
+    )
     quotas: dict[str, LimitOverride] = Field(
         default_factory=dict, description="AWS quota overrides by limit name (stepworker limits), as JSON",
     )

@@ -10,11 +10,16 @@ per-query state.
 from __future__ import annotations
 
 import json
+import re
+import time
+from collections.abc import Callable
 
+import boto3
 import pytest
 
-from tests.fakes.aws_proxy import AwsProxy
+from tests.fakes.aws_proxy import AwsProxy, Recorded, Reply
 from tests.integration.conftest import FAST_RECOVERY, Stack
+from tests.steps.test_ecs import CLUSTER, run_tasks
 from tests.waiting import wait_until
 from worker.keys import Keys
 from worker.models import Status
@@ -141,3 +146,103 @@ def test_watched_queries_stay_under_a_rate_quota_that_per_step_polling_exceeds(s
         proxy.stop()
     # Then the watched ones all succeeded without one throttling answer, under a quota per-step polling exceeds
     assert (statuses, watched_throttled) == ([Status.SUCCEEDED] * 40, 0)
+
+
+# -- EC2: instances that take a while to stop ---------------------------------------------------
+
+
+def slow_stops(proxy: AwsProxy, seconds: float) -> Callable[[Recorded], Reply | None]:
+    """A proxy hook: instances show ``stopping`` for ``seconds`` after their StopInstances (moto: at once).
+
+    Both the steps' DescribeInstances (InstanceId.N) and the watcher's (the instance-id filter) see it.
+    """
+    stopped_at: dict[str, float] = {}
+
+    def hook(request: Recorded) -> Reply | None:
+        if request.operation == "StopInstances":
+            stopped_at.update({v: time.monotonic() for k, v in request.params.items() if k.startswith("InstanceId.")})
+            return None
+        if request.operation != "DescribeInstances":
+            return None
+        status, headers, body = proxy.forward(request)
+        text = body.decode()
+        for instance, at in stopped_at.items():
+            if time.monotonic() < at + seconds:
+                text = re.sub(rf"(<instanceId>{instance}</instanceId>.*?<instanceState>\s*<code>)80(</code>\s*"
+                              r"<name>)stopped(</name>)", r"\g<1>64\g<2>stopping\g<3>", text, flags=re.DOTALL)
+        return status, {**headers, "Content-Length": str(len(text.encode()))}, text.encode()
+
+    return hook
+
+
+def test_instances_stopping_are_watched_in_batches(stack: Stack) -> None:
+    # Given 10 instances that each take 4 s to stop (moto stops them at once: the proxy says "stopping")
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    launched = ec2.run_instances(ImageId="ami-12c6146b", InstanceType="t3.micro", MinCount=10, MaxCount=10)
+    instances = [i["InstanceId"] for i in launched["Instances"]]
+    proxy = AwsProxy(stack.aws_url)
+    proxy.hook = slow_stops(proxy, 4.0)
+    proxy.start()
+    try:
+        stack.start_worker({"STEPWORKER_POLL_MAX_SECONDS": "0.5", "AWS_ENDPOINT_URL": proxy.url})
+        # When 10 steps stop one each and wait for it
+        ids = [stack.dispatcher.submit_step("ec2.stop", {"instance_ids": [i], "region": "us-east-1"})
+               for i in instances]
+        views = [stack.dispatcher.wait(execution, timeout=60) for execution in ids]
+        requests = list(proxy.requests)
+    finally:
+        proxy.stop()
+    assert [view.status for view in views] == [Status.SUCCEEDED] * 10, views[0].steps[0].error
+    # Then no step ran a phase per look: the watcher looked at them together, filtering by instance id
+    assert all(view.steps[0].looks >= 2 for view in views), [view.steps[0].looks for view in views]
+    assert all(view.steps[0].polls <= 3 for view in views), [view.steps[0].polls for view in views]
+    batched = [r for r in requests if r.operation == "DescribeInstances" and "Filter.1.Name" in r.params]
+    assert batched
+    assert len(batched) * 3 <= sum(view.steps[0].looks for view in views)
+
+
+# -- ECS: tasks that take a while to stop -------------------------------------------------------
+
+
+def slow_task_stops(proxy: AwsProxy, seconds: float) -> Callable[[Recorded], Reply | None]:
+    """A proxy hook: tasks show ``DEPROVISIONING`` for ``seconds`` after their StopTask (moto: STOPPED at once)."""
+    stopped_at: dict[str, float] = {}
+
+    def hook(request: Recorded) -> Reply | None:
+        if request.operation == "StopTask":
+            stopped_at[str(request.params.get("task", "")).rsplit("/", 1)[-1]] = time.monotonic()
+            return None
+        if request.operation != "DescribeTasks":
+            return None
+        status, headers, body = proxy.forward(request)
+        document = json.loads(body)
+        for task in document.get("tasks", []):
+            at = stopped_at.get(task["taskArn"].rsplit("/", 1)[-1])
+            if at is not None and time.monotonic() < at + seconds:
+                task["lastStatus"] = "DEPROVISIONING"
+        text = json.dumps(document).encode()
+        return status, {**headers, "Content-Length": str(len(text))}, text
+
+    return hook
+
+
+def test_tasks_stopping_are_watched_in_batches(stack: Stack) -> None:
+    # Given 10 Fargate tasks that each take 8 s to stop (the step looks every 6 s)
+    arns = run_tasks(10)
+    proxy = AwsProxy(stack.aws_url)
+    proxy.hook = slow_task_stops(proxy, 8.0)
+    proxy.start()
+    try:
+        stack.start_worker({"AWS_ENDPOINT_URL": proxy.url})
+        # When 10 steps stop one each and wait for it
+        ids = [stack.dispatcher.submit_step("ecs.stop_task", {"cluster": CLUSTER, "task_ids": [arn],
+                                                              "region": "us-east-1"}) for arn in arns]
+        views = [stack.dispatcher.wait(execution, timeout=60) for execution in ids]
+        describes = [r.params.get("tasks", []) for r in proxy.requests if r.operation == "DescribeTasks"]
+    finally:
+        proxy.stop()
+    assert [view.status for view in views] == [Status.SUCCEEDED] * 10, views[0].steps[0].error
+    # Then each step was looked at without a phase while its task was stopping, the tasks together
+    assert all(view.steps[0].looks >= 1 for view in views), [view.steps[0].looks for view in views]
+    assert all(view.steps[0].polls <= 2 for view in views), [view.steps[0].polls for view in views]
+    assert max(len(tasks) for tasks in describes) >= 5, describes

@@ -179,7 +179,7 @@ def test_start_sends_the_idempotency_token_and_context(offline: None) -> None:
     stubber.add_response("start_query_execution", {"QueryExecutionId": "q-1"}, expected)
     params = {"query": QUERY, "database": "ops", "workgroup": "analytics", "bucket": "results"}
     outcome = QueryAthena().run(ctx, QueryAthena.Params.model_validate(params))
-    assert outcome == Poll(state={"query_id": "q-1"}, watch=Watch("athena.query", "q-1", ""))
+    assert outcome == Poll(state={"query_id": "q-1"}, watch=Watch("athena.query", {"q-1": ""}))
     stubber.assert_no_pending_responses()
     assert_within_iam(QueryAthena, ctx)
 
@@ -192,7 +192,7 @@ def test_redelivered_first_phase_does_not_start_again(offline: None) -> None:
     stubber.add_response("get_query_execution", execution("RUNNING"), {"QueryExecutionId": "q-1"})
     outcome = QueryAthena().run(ctx, QueryAthena.Params(query=QUERY))
     assert outcome == Poll(state={"query_id": "q-1", "last_state": "RUNNING"},
-                           watch=Watch("athena.query", "q-1", "RUNNING"))
+                           watch=Watch("athena.query", {"q-1": "RUNNING"}))
     assert ctx.calls == ["athena:GetQueryExecution"]
     stubber.assert_no_pending_responses()
 
@@ -427,7 +427,7 @@ def test_a_retryable_failure_is_resubmitted_with_a_token_of_its_own(offline: Non
     params = QueryAthena.Params(query=QUERY, resubmits=1)
     with capture_logs() as logs:
         outcome = QueryAthena().run(ctx, params)
-    assert outcome == Poll(state={"query_id": "q-2"}, watch=Watch("athena.query", "q-2", ""))
+    assert outcome == Poll(state={"query_id": "q-2"}, watch=Watch("athena.query", {"q-2": ""}))
     assert any(entry["event"] == "athena.resubmitting" for entry in logs)
     ctx.state.update(outcome.state)
     stubber.add_response("get_query_execution", failed_retryable("q-2"), {"QueryExecutionId": "q-2"})

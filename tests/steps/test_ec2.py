@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
-from steps.base import Done, Poll, Step
+from steps.base import Done, Poll, Step, Watch
 from steps.ec2 import DELIVERY_TAG, RebootInstances, StartInstances, StopInstances, TerminateInstances
 from steps.ec2_images import CaptureSnapshot, CreateInstancesFromSnapshot
 from steps.errors import Permanent, RemoteFailed
@@ -260,7 +260,9 @@ def test_still_pending_polls_again_and_a_wrong_turn_fails(stubbed: tuple[Any, St
     stubber.add_response("describe_instances", described((I1, "pending")), {"InstanceIds": [I1]})
     stubber.add_response("describe_instances", described((I1, "terminated")), {"InstanceIds": [I1]})
 
-    assert phase(StartInstances, {"instance_ids": [I1]}, ctx) == Poll(state={"stage": 0, "polls": 1})
+    # (the fleet's watcher looks again at the instance's state, in a batch, until it changes)
+    watch = Watch("ec2.instance", {I1: "pending"})
+    assert phase(StartInstances, {"instance_ids": [I1]}, ctx) == Poll(state={"stage": 0, "polls": 1}, watch=watch)
     with pytest.raises(RemoteFailed, match=f"waiting for running, but {I1} is terminated"):
         phase(StartInstances, {"instance_ids": [I1]}, ctx)
 
@@ -297,8 +299,11 @@ def test_status_ok_stage_waits_for_every_instance(stubbed: tuple[Any, Stubber]) 
     )
     params = {"instance_ids": [I1, I2], "wait_for_status_ok": True}
 
-    assert phase(StartInstances, params, ctx) == Poll(state={"stage": 1, "polls": 1})
-    assert phase(StartInstances, params, ctx) == Poll(state={"stage": 1, "polls": 2})
+    # (an instance the answer left out is watched as "": any state it shows up in wakes the step)
+    first = Watch("ec2.status", {I1: "running/ok/ok", I2: ""})
+    second = Watch("ec2.status", {I1: "running/ok/ok", I2: "running/initializing/initializing"})
+    assert phase(StartInstances, params, ctx) == Poll(state={"stage": 1, "polls": 1}, watch=first)
+    assert phase(StartInstances, params, ctx) == Poll(state={"stage": 1, "polls": 2}, watch=second)
     with pytest.raises(RemoteFailed, match=f"{I2} is stopped"):
         phase(StartInstances, params, ctx)
 
@@ -540,7 +545,7 @@ def test_create_from_snapshot_waits_through_pending_and_invisible(stubbed: tuple
 
     # Finding 5: a NotFound for instances this step launched is one more poll, not a spent retry.
     assert phase(CreateInstancesFromSnapshot, params, ctx) == Poll(state={"not_visible": 1}, after=5.0)
-    assert phase(CreateInstancesFromSnapshot, params, ctx) == Poll()
+    assert phase(CreateInstancesFromSnapshot, params, ctx) == Poll(watch=Watch("ec2.instance", {I1: "pending"}))
     with pytest.raises(RemoteFailed, match="InsufficientCapacity"):
         phase(CreateInstancesFromSnapshot, params, ctx)
 

@@ -18,7 +18,7 @@ from worker.engine.protocol import Look, StateMachine, Timing, schedule_member
 from worker.keys import Keys
 from worker.models import Status
 
-WATCH = {"kind": "athena.query", "resource": "q-1", "seen": "RUNNING", "phase": 1, "type": "core.sleep",
+WATCH = {"kind": "athena.query", "seen": {"q-1": "RUNNING"}, "phase": 1, "type": "core.sleep",
          "queue": "q", "project": "default", "group": "g", "delay": 2.0, "backoff": True}
 
 

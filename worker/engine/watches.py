@@ -1,16 +1,18 @@
 """Watches: steps that wait on AWS are looked at in batches, and run again only when what they wait on changed.
 
-A phase that ends in ``Poll(watch=Watch(kind, resource, seen))`` is committed with its watch instead of a
+A phase that ends in ``Poll(watch=Watch(kind, seen))`` is committed with its watch instead of a
 countdown message (``commit_poll`` writes both in one script): the step stays in the schedule as any
 polling step does (due after its countdown and the grace period), and its watch is due after the countdown.
 
 One watcher runs for the fleet (a thread in each worker's main process; a Redis lock picks the one that
 looks). Each pass takes the due watches, groups them by kind and AWS access (the same frozen credentials
 and region: one caller may ask about all of them), and asks AWS about a batch of them in one call
-(Athena: BatchGetQueryExecution, 50 queries). A step whose resource is still in the state its phase saw is
+(Athena: BatchGetQueryExecution, 50 queries; EC2: DescribeInstances, 200 instances, DescribeInstanceStatus, 100;
+ECS: DescribeTasks, 100 per cluster). A step whose resources are all still in the states its phase saw is
 **deferred**: its watch and its schedule entry move on by the next backoff delay, and no phase runs. A step
-whose resource changed, that AWS did not report, or whose group could not be asked is **woken**: its next
-phase is published now, and finds the batch's answer in the coalescing cache (worker/quotas/coalesce.py).
+one of whose resources changed, or that AWS did not report, or whose group could not be asked, is **woken**:
+its next phase is published now (an Athena phase finds the batch's answer in the coalescing cache,
+worker/quotas/coalesce.py).
 
 Every verdict is fenced by the phase the watch was written for (``watch_look.lua``): a step that a cancel
 nudge, the sweeper or its timeout ran in the meantime is left alone. When no watcher runs (every worker
@@ -37,6 +39,7 @@ from celery import Celery
 from redis.exceptions import LockError
 from redis.lock import Lock
 
+from steps import batch_states
 from steps.errors import Throttled
 from worker.aws_errors import classify
 from worker.engine import celery_app
@@ -79,8 +82,18 @@ class Reader:
     states: Callable[[Any, redis.Redis, str, list[str]], Mapping[str, str]]
 
 
+def _uncached(read: Callable[[Any, list[str]], Mapping[str, str]]) -> Callable[..., Mapping[str, str]]:
+    def states(client: Any, _redis: redis.Redis, _head: str, resources: list[str]) -> Mapping[str, str]:
+        return read(client, resources)
+
+    return states
+
+
 READERS: dict[str, Reader] = {
     "athena.query": Reader("athena", coalesce.BATCH, coalesce.watch_states),
+    batch_states.EC2_INSTANCE: Reader("ec2", batch_states.EC2_FILTER_VALUES, _uncached(batch_states.ec2_instances)),
+    batch_states.EC2_STATUS: Reader("ec2", batch_states.EC2_STATUS_IDS, _uncached(batch_states.ec2_statuses)),
+    batch_states.ECS_TASK: Reader("ecs", batch_states.ECS_TASKS, _uncached(batch_states.ecs_tasks)),
 }
 
 
@@ -89,7 +102,7 @@ def item_for(watch: Watch, *, aws: AwsAccess, phase: int, record: Mapping[str, s
     """The watch entry ``commit_poll`` stores for a step's next phase, or None when its kind has no reader."""
     if watch.kind not in READERS:
         return None
-    return {"kind": watch.kind, "resource": watch.resource, "seen": watch.seen, "phase": phase,
+    return {"kind": watch.kind, "seen": dict(watch.seen), "phase": phase,
             "type": record["type"], "queue": record["queue"], "project": project, "group": coalesce.group_of(aws),
             "delay": countdown, "backoff": backoff}
 
@@ -131,10 +144,8 @@ class Watcher:
             groups[(item["kind"], item["group"])].append((member, item))
         if orphans:
             self.client.zrem(self.keys.watch_due, *orphans)
-        chunks = []
-        for (kind, group), entries in groups.items():
-            size = READERS[kind].batch if kind in READERS else len(entries)
-            chunks += [(kind, group, entries[start:start + size]) for start in range(0, len(entries), size)]
+        chunks = [(kind, group, chunk) for (kind, group), entries in groups.items()
+                  for chunk in _chunks(entries, READERS[kind].batch if kind in READERS else len(entries))]
         looks = [look for verdicts in self._pool.map(self._look_chunk, chunks) for look in verdicts]
         outcomes = self.machine.look([look for look, _ in looks])
         for (look, item), outcome in zip(looks, outcomes, strict=True):
@@ -160,8 +171,8 @@ class Watcher:
 
             quota_scope(self.client, self.settings, member, {"project": first["project"]}, aws, reserve=False)
             client = hooks.guard(aws.client(reader.service))
-            states = reader.states(client, self.client, self.keys.coalesced(group),
-                                   [item["resource"] for _, item in entries])
+            resources = list(dict.fromkeys(r for _, item in entries for r in item["seen"]))
+            states = reader.states(client, self.client, self.keys.coalesced(group), resources)
         except hooks.CapacityWait as exc:  # (no capacity for the batch call itself: look again when there is)
             return [(self._defer(m, item, exc.retry_after), item) for m, item in entries]
         except Exception as exc:  # (every failure wakes the steps: each polls on its own and says why)
@@ -174,8 +185,7 @@ class Watcher:
             return [(_wake(m, item), item) for m, item in entries]
         finally:
             hooks.bind(None)
-        return [(self._defer(m, item) if states.get(item["resource"]) == item["seen"] else _wake(m, item), item)
-                for m, item in entries]
+        return [(self._defer(m, item) if _unchanged(item, states) else _wake(m, item), item) for m, item in entries]
 
     def _defer(self, member: str, item: dict[str, Any], delay: float | None = None) -> Look:
         """Look again after ``delay``, or after the step's next backoff (doubling up to the poll bound)."""
@@ -225,6 +235,24 @@ class Watcher:
                 wait = min(2 ** (failures - 1), 10)
             self.stopped.wait(wait)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _chunks(entries: list[tuple[str, dict[str, Any]]], size: int) -> list[list[tuple[str, dict[str, Any]]]]:
+    """Consecutive runs of watches with at most ``size`` resources in all (a larger watch is a run alone)."""
+    chunks: list[list[tuple[str, dict[str, Any]]]] = [[]]
+    count = 0
+    for entry in entries:
+        resources = len(entry[1]["seen"])
+        if chunks[-1] and count + resources > size:
+            chunks.append([])
+            count = 0
+        chunks[-1].append(entry)
+        count += resources
+    return [chunk for chunk in chunks if chunk]
+
+
+def _unchanged(item: Mapping[str, Any], states: Mapping[str, str]) -> bool:
+    return all(states.get(resource) == seen for resource, seen in item["seen"].items())
 
 
 def _wake(member: str, item: Mapping[str, Any]) -> Look:
