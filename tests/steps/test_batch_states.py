@@ -19,7 +19,8 @@ GONE = "i-0123456789abcdef0"  # an id moto never launched
 
 
 def counted(service: str) -> tuple[Any, Counter[str]]:
-    client = boto3.client(service, region_name="us-east-1")
+    session: Any = boto3.Session()
+    client = session.client(service, region_name="us-east-1")
     calls: Counter[str] = Counter()
     client.meta.events.register("before-call", lambda model, **_: calls.update([model.name]))
     return client, calls

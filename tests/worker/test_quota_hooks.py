@@ -123,6 +123,21 @@ def test_a_rate_wait_reserves_the_token_and_the_next_phase_calls_without_taking(
         client.get_query_results(queryId=query_id)
 
 
+def test_inside_refusing_a_short_bucket_refuses_and_reserves_nothing(
+    store: QuotaStore, fake: QuotaLogsInsights
+) -> None:
+    limit = {"logs.get_query_results": LimitOverride(rate=1, burst=1)}
+    client = logs_client(fake.url)
+    bind(store, "e1:0", **limit)
+    query_id = start(client)
+    client.get_query_results(queryId=query_id)
+    with hooks.refusing(), pytest.raises(hooks.CapacityWait) as raised:
+        client.get_query_results(queryId=query_id)
+    assert raised.value.reserved == ""
+    bucket = store.client.hgetall(store.keys.quota_bucket(WHERE, "logs.get_query_results"))
+    assert float(bucket["tokens"]) >= 0  # (no debt: a reservation here would never be spent)
+
+
 def test_a_refused_start_gives_the_slot_back(store: QuotaStore, fake: QuotaLogsInsights) -> None:
     # Given a limiter that allows 2 queries where the account allows 1 (others use the quota)
     client = logs_client(fake.url)

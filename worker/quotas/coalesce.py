@@ -83,7 +83,8 @@ def _get(client: Any, params: Any = None, **_: Any) -> tuple[AWSResponse, dict[s
         if head in _unsupported:
             return None
         try:
-            entry = _batch(client, redis_client, head, query_id)
+            with hooks.refusing():  # (no tokens for the batch: the plain call below asks for its own)
+                entry = _batch(client, redis_client, head, query_id)
         except Exception as exc:  # (a batch that fails leaves the poll to the plain call, which says why)
             if server_error(exc):
                 _unsupported.add(head)  # e.g. an emulator without the API: stop asking it in this process

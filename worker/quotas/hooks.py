@@ -13,11 +13,12 @@ runs; :func:`guard` registers two botocore event handlers on each client once:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from worker.quotas.store import Bucket, QuotaStore
 
 _scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("stepworker_quota_scope", default=None)
+_refusing: contextvars.ContextVar[bool] = contextvars.ContextVar("stepworker_quota_refusing", default=False)
 _GUARDED = "_stepworker_quotas"
 #: Overrides stored in Redis are read again after this long.
 OVERRIDES_SECONDS = 10.0
@@ -111,6 +113,17 @@ def bind(scope: Scope | None) -> None:
     _scope.set(scope)
 
 
+@contextlib.contextmanager
+def refusing() -> Iterator[None]:
+    """Calls made inside are refused rather than reserved when their tokens are short (for a call whose
+    CapacityWait is handled on the spot, e.g. an optional batch: a reservation would be taken and never spent)."""
+    token = _refusing.set(True)
+    try:
+        yield
+    finally:
+        _refusing.reset(token)
+
+
 def current_scope() -> Scope | None:
     """The current phase's scope, if one is bound."""
     return _scope.get()
@@ -168,7 +181,8 @@ def _before_call(model: Any, **_: Any) -> None:
     if name in scope.reserved:
         scope.reserved.remove(name)  # (its tokens were taken when the wait began)
         return
-    wait, reserved = store.reserve(_buckets(scope, call, own, where), RESERVE_SECONDS if scope.reserve else 0.0)
+    horizon = RESERVE_SECONDS if scope.reserve and not _refusing.get() else 0.0
+    wait, reserved = store.reserve(_buckets(scope, call, own, where), horizon)
     if wait:
         names = ", ".join(limit.title for limit in call.rates)
         raise CapacityWait(f"waiting for capacity: {names} at their rate limit in {where}",
