@@ -246,3 +246,29 @@ def test_tasks_stopping_are_watched_in_batches(stack: Stack) -> None:
     assert all(view.steps[0].looks >= 1 for view in views), [view.steps[0].looks for view in views]
     assert all(view.steps[0].polls <= 2 for view in views), [view.steps[0].polls for view in views]
     assert max(len(tasks) for tasks in describes) >= 5, describes
+
+
+def test_credentials_that_may_not_batch_poll_on_their_own(stack: Stack) -> None:
+    # Given a role whose policy lacks athena:BatchGetQueryExecution (the proxy answers it AccessDenied)
+    proxy = AwsProxy(stack.aws_url, athena_seconds=2)
+    denied = {"__type": "AccessDeniedException", "Message": "not authorized: athena:BatchGetQueryExecution"}
+
+    def deny(request: Recorded) -> Reply | None:
+        if request.operation != "BatchGetQueryExecution":
+            return None
+        return 400, {"Content-Type": "application/x-amz-json-1.1"}, json.dumps(denied).encode()
+
+    proxy.hook = deny
+    proxy.start()
+    try:
+        stack.start_worker({**QUOTAS, "STEPWORKER_POLL_MAX_SECONDS": "0.5", "AWS_ENDPOINT_URL": proxy.url})
+        ids = [stack.dispatcher.submit_step("athena.query", PARAMS) for _ in range(10)]
+        views = [stack.dispatcher.wait(execution, timeout=60) for execution in ids]
+        operations = proxy.operations()
+    finally:
+        proxy.stop()
+    # Then every query still succeeds, polling GetQueryExecution itself, and the batch is not asked again
+    # and again (once by the watcher and once per pool process at most)
+    assert [view.status for view in views] == [Status.SUCCEEDED] * 10, views[0].steps[0].error
+    assert operations.count("GetQueryExecution") >= 10
+    assert operations.count("BatchGetQueryExecution") <= 3

@@ -65,7 +65,8 @@ PASS_SECONDS = 0.25
 THREADS = 4
 #: A group's resolved AWS access is reused this long.
 ACCESS_SECONDS = 300.0
-#: A group whose endpoint cannot answer in batches (a server error) is not asked again for this long.
+#: A group whose endpoint cannot answer in batches (a server error), or whose credentials may not ask
+#: (a policy without the batch action), is not asked again for this long: its steps poll on their own.
 UNSUPPORTED_SECONDS = 600.0
 
 
@@ -179,7 +180,7 @@ class Watcher:
             error = classify(exc)
             if isinstance(error, Throttled):
                 return [(self._defer(m, item, 1.0), item) for m, item in entries]
-            if coalesce.server_error(exc):
+            if coalesce.cannot_batch(exc):
                 self._unsupported[group] = time.monotonic() + UNSUPPORTED_SECONDS
             quiet.warning("watcher.batch_failed", kind=kind, group=group, error=error.message, woken=len(entries))
             return [(_wake(m, item), item) for m, item in entries]

@@ -33,6 +33,7 @@ CACHE_SECONDS = 10.0
 #: An in-flight entry not refreshed for this long belongs to a step that stopped polling.
 STALE_SECONDS = 300.0
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+DENIED = frozenset({"AccessDenied", "AccessDeniedException", "UnauthorizedOperation"})
 _unsupported: set[str] = set()  # groups whose endpoint answered BatchGetQueryExecution with a server error
 
 
@@ -86,8 +87,8 @@ def _get(client: Any, params: Any = None, **_: Any) -> tuple[AWSResponse, dict[s
             with hooks.refusing():  # (no tokens for the batch: the plain call below asks for its own)
                 entry = _batch(client, redis_client, head, query_id)
         except Exception as exc:  # (a batch that fails leaves the poll to the plain call, which says why)
-            if server_error(exc):
-                _unsupported.add(head)  # e.g. an emulator without the API: stop asking it in this process
+            if cannot_batch(exc):
+                _unsupported.add(head)  # (an emulator without the API, a policy without it: stop asking)
             return None
         if entry is None:
             return None
@@ -100,11 +101,13 @@ def _get(client: Any, params: Any = None, **_: Any) -> tuple[AWSResponse, dict[s
     return AWSResponse("", 200, HTTPHeaders(), None), parsed
 
 
-def server_error(exc: Exception) -> bool:
-    """Did AWS (or what stands in for it) answer with a server error (HTTP 5xx)?"""
+def cannot_batch(exc: Exception) -> bool:
+    """Does a failed batch call say asking in batches will not work here: a server error (HTTP 5xx, e.g. an
+    emulator without the API), or credentials whose policy lacks the batch action?"""
     response = getattr(exc, "response", None)
     status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0) if response else 0
-    return status >= 500
+    code = str(response.get("Error", {}).get("Code", "")) if response else ""
+    return status >= 500 or code in DENIED
 
 
 def _batch(client: Any, redis_client: Any, head: str, query_id: str) -> dict[str, Any] | None:
