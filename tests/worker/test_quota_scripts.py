@@ -120,6 +120,17 @@ def test_a_throttling_answer_halves_the_rate_once_and_it_grows_back(store: Quota
     assert takes(store, [b], later + 1.0, 100) == 10  # back at the ceiling: 10 tokens a second
 
 
+def test_a_cut_rate_cuts_the_burst_with_it(store: QuotaStore) -> None:
+    # Given a bucket of 10/s, burst 20, halved by a throttling answer
+    b = bucket(store, rate=10, burst=20)
+    store.cut([b], at=T0)
+    # Then, refilled at the cut rate, it holds a burst cut as much: a full ceiling's burst is what AWS refused
+    # (3 s later the rate has grown back to 5.5/s: 16.5 tokens refilled, 11 held)
+    assert takes(store, [b], T0 + 3, 100) == 11
+    # And once the rate has grown back, the whole burst again
+    assert takes(store, [b], T0 + RECOVER_SECONDS + 10, 100) == 20
+
+
 def test_cuts_stop_at_the_floor(store: QuotaStore) -> None:
     b = bucket(store, rate=10, burst=10)
     rates = [store.cut([b], at=T0 + i * 10 * COOLDOWN_SECONDS)[0] for i in range(20)]

@@ -3,7 +3,8 @@
 Every Athena query a phase polls joins its group's in-flight set (a group: the same frozen credentials and
 region, so one caller may ask for all of them). A phase that asks for a query's state first reads the
 group's cache; when the state is not there, it asks BatchGetQueryExecution for its own query and the 49
-in-flight ones of the group refreshed longest ago, and caches every answer for ``CACHE_SECONDS``. The
+in-flight ones of the group refreshed longest ago, and caches every answer for ``CACHE_SECONDS`` (a final
+state for ``STALE_SECONDS``: it cannot change, and a phase woken for it may wait behind others). The
 next 49 phases of that group then get their state without an AWS call. The answer reaches the step as
 GetQueryExecution's reply (a botocore ``before-call`` handler returns it), so the step is unchanged.
 
@@ -129,7 +130,9 @@ def refresh(client: Any, redis_client: Any, head: str, query_ids: list[str]) -> 
     for execution in response.get("QueryExecutions", []):
         qid = execution["QueryExecutionId"]
         entry = found[qid] = json.loads(json.dumps({"at": now, "execution": execution}, default=str))
-        pipe.set(f"{head}:{qid}", json.dumps(entry), px=int(CACHE_SECONDS * 1000))
+        # (a final state never changes: it is kept until the step that waits for it has surely read it)
+        final = execution["Status"]["State"] in TERMINAL
+        pipe.set(f"{head}:{qid}", json.dumps(entry), px=int((STALE_SECONDS if final else CACHE_SECONDS) * 1000))
         if execution["Status"]["State"] in TERMINAL:
             pipe.zrem(inflight, qid)
         else:

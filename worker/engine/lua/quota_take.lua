@@ -14,6 +14,8 @@ for i, key in ipairs(K.buckets) do
   local b = redis.call('HMGET', key, 'tokens', 'ts', 'cut_rate', 'cut_at')
   local rate = ceiling
   if b[3] then rate = math.min(ceiling, tonumber(b[3]) + math.max(0, t - tonumber(b[4])) * ceiling / A.recover) end
+  -- (a cut rate cuts the burst with it: a full bucket of the ceiling's burst is the overload AWS refused)
+  burst = math.max(1, burst * rate / ceiling)
   local tokens = tonumber(b[1]) or burst
   local ts = tonumber(b[2]) or t
   tokens = math.min(burst, tokens + math.max(0, t - ts) * rate)
