@@ -3,9 +3,9 @@
 Every Athena query a phase polls joins its group's in-flight set (a group: the same frozen credentials and
 region, so one caller may ask for all of them). A phase that asks for a query's state first reads the
 group's cache; when the state is not there, it asks BatchGetQueryExecution for its own query and the 49
-in-flight ones of the group refreshed longest ago, and caches every answer for ``CACHE_SECONDS`` (a final
-state for ``STALE_SECONDS``: it cannot change, and a phase woken for it may wait behind others). The
-next 49 phases of that group then get their state without an AWS call. The answer reaches the step as
+in-flight ones of the group refreshed longest ago, and caches every answer (``KEEP_SECONDS``); a poll
+takes a cached answer only when it was fetched after that poll's previous look. The next 49 phases of
+that group then get their state without an AWS call. The answer reaches the step as
 GetQueryExecution's reply (a botocore ``before-call`` handler returns it), so the step is unchanged.
 
 The fleet's watcher (worker/engine/watches.py) reads its batches through :func:`watch_states`, into the
@@ -28,9 +28,10 @@ if TYPE_CHECKING:
     from worker.credentials import AwsAccess
 
 BATCH = 50  # BatchGetQueryExecution's largest batch
-#: The oldest batched answer a poll accepts, and only when it was fetched after that query's previous look:
-#: each poll learns something at least as new as the last one did, and a change is seen at most this late.
-CACHE_SECONDS = 10.0
+#: A batched answer is kept this long. A poll accepts it only when it was fetched after that query's
+#: previous look, so each poll learns something newer than the last one did (and a phase the watcher woke,
+#: however long it queued, reads the very answer it was woken for).
+KEEP_SECONDS = 300.0
 #: An in-flight entry not refreshed for this long belongs to a step that stopped polling.
 STALE_SECONDS = 300.0
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
@@ -130,9 +131,7 @@ def refresh(client: Any, redis_client: Any, head: str, query_ids: list[str]) -> 
     for execution in response.get("QueryExecutions", []):
         qid = execution["QueryExecutionId"]
         entry = found[qid] = json.loads(json.dumps({"at": now, "execution": execution}, default=str))
-        # (a final state never changes: it is kept until the step that waits for it has surely read it)
-        final = execution["Status"]["State"] in TERMINAL
-        pipe.set(f"{head}:{qid}", json.dumps(entry), px=int((STALE_SECONDS if final else CACHE_SECONDS) * 1000))
+        pipe.set(f"{head}:{qid}", json.dumps(entry), px=int(KEEP_SECONDS * 1000))
         if execution["Status"]["State"] in TERMINAL:
             pipe.zrem(inflight, qid)
         else:
