@@ -4,7 +4,8 @@ Every Athena query a phase polls joins its group's in-flight set (a group: the s
 region, so one caller may ask for all of them). A phase that asks for a query's state first reads the
 group's cache; when the state is not there, it asks BatchGetQueryExecution for its own query and the 49
 in-flight ones of the group refreshed longest ago, and caches every answer (``KEEP_SECONDS``); a poll
-takes a cached answer only when it was fetched after that poll's previous look. The next 49 phases of
+takes a cached answer only when it was fetched after that poll's previous look (or is final: it cannot
+change, e.g. for a phase that waited for tokens for its results after seeing it). The next 49 phases of
 that group then get their state without an AWS call. The answer reaches the step as
 GetQueryExecution's reply (a botocore ``before-call`` handler returns it), so the step is unchanged.
 
@@ -82,7 +83,7 @@ def _get(client: Any, params: Any = None, **_: Any) -> tuple[AWSResponse, dict[s
     reads.hget(f"{head}:looked", query_id)
     cached, looked = reads.execute()
     entry = json.loads(cached) if cached else None
-    if entry is None or entry["at"] <= float(looked or 0):
+    if entry is None or (entry["at"] <= float(looked or 0) and not _final(entry)):
         if head in _unsupported:
             return None
         try:
@@ -101,6 +102,11 @@ def _get(client: Any, params: Any = None, **_: Any) -> tuple[AWSResponse, dict[s
     parsed = {"QueryExecution": entry["execution"],
               "ResponseMetadata": {"HTTPStatusCode": 200, "RequestId": "coalesced", "HTTPHeaders": {}}}
     return AWSResponse("", 200, HTTPHeaders(), None), parsed
+
+
+def _final(entry: dict[str, Any]) -> bool:
+    """A final state (SUCCEEDED, FAILED, CANCELLED) never changes: it is news however often it was read."""
+    return str(entry["execution"]["Status"]["State"]) in TERMINAL
 
 
 def cannot_batch(exc: Exception) -> bool:
