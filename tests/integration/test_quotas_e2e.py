@@ -7,6 +7,7 @@ queries run for a fixed time). STS is moto's server (the account id the quota ke
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -86,3 +87,25 @@ def test_a_phase_that_needs_two_tokens_of_one_bucket_gets_both(stack: Stack) -> 
     finally:
         proxy.stop()
     assert [view.status for view in views] == [Status.SUCCEEDED] * 10, views[0].steps[0].error
+
+
+def test_steps_throttled_by_aws_keep_to_the_fleet_rate(stack: Stack) -> None:
+    """The fleet limiter allows 2 GetQueryExecution a second and the account (the proxy) 1, so AWS throttles
+    some calls: every retry still takes its token, and the calls AWS saw stay within the limiter's rate.
+    (That a spent reservation is not spent again is checked directly in tests/worker/test_quota_waits.py.)
+    """
+    proxy = AwsProxy(stack.aws_url, athena_seconds=3, rates={"GetQueryExecution": 1.0}).start()
+    try:
+        stack.start_worker({**FAST, "AWS_ENDPOINT_URL": proxy.url, "STEPWORKER_COALESCE_POLLS": "false",
+                            "STEPWORKER_QUOTAS": json.dumps({"athena.get": {"rate": 2, "burst": 1}})})
+        params = {"query": "SELECT 1", "output_location": "s3://athena-results/rate/"}
+        began = time.monotonic()
+        ids = [stack.dispatcher.submit_step("athena.query", params) for _ in range(6)]
+        views = [stack.dispatcher.wait(execution, timeout=90) for execution in ids]
+        took = time.monotonic() - began
+        calls = proxy.operations().count("GetQueryExecution")
+    finally:
+        proxy.stop()
+    assert [view.status for view in views] == [Status.SUCCEEDED] * 6, views[0].steps[0].error
+    assert sum(proxy.throttled.values()) >= 1  # (AWS did throttle: the path under test was taken)
+    assert calls <= 2 * took + 2, (calls, took)

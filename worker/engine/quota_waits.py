@@ -57,6 +57,14 @@ def quota_scope(client: redis.Redis, settings: Settings, member: str, execution:
                            reserve=reserve, reserved=list(reserved)))
 
 
+def with_unspent(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with the reservations this phase has not spent (a spent one must never be spent twice)."""
+    scope = hooks.current_scope()
+    left = list(scope.reserved) if scope else []
+    rest = {name: value for name, value in state.items() if name != RESERVED}
+    return {**rest, RESERVED: left} if left else rest
+
+
 def capacity_wait(error: StepError, state: Mapping[str, Any]) -> tuple[dict[str, Any], float] | None:
     """(state, delay) of a wait for capacity, or None when ``error`` is something else."""
     if not isinstance(error, hooks.CapacityWait):
@@ -66,6 +74,6 @@ def capacity_wait(error: StepError, state: Mapping[str, Any]) -> tuple[dict[str,
         log.warning("step.waiting_for_capacity", message=error.message, quota=error.resource_id)
     else:
         quiet.debug("step.waiting_for_capacity", message=error.message, wait=waits + 1)
-    scope = hooks.current_scope()
-    unspent = [*(scope.reserved if scope else ()), *([error.reserved] if error.reserved else [])]
+    state = with_unspent(state)
+    unspent = [*state.get(RESERVED, ()), *([error.reserved] if error.reserved else [])]
     return {**state, CAPACITY: waits + 1, RESERVED: unspent}, error.retry_after

@@ -33,7 +33,7 @@ from worker.engine.connections import UNAVAILABLE, store_client
 from worker.engine.context import COLUMNS, ROWS_AT, PhaseContext
 from worker.engine.lease import HeldLease, Keeper
 from worker.engine.protocol import Claim, Lease, LeaseLost, StateMachine, Timing
-from worker.engine.quota_waits import CAPACITY, RESERVED, capacity_wait, quota_scope
+from worker.engine.quota_waits import CAPACITY, RESERVED, capacity_wait, quota_scope, with_unspent
 from worker.jobs import passing
 from worker.keys import Keys
 from worker.models import Status
@@ -246,6 +246,9 @@ class Runner:
         current.aws = self._aws_for(record, current.params, current.lease.execution_id)
         quota_scope(self.client, self.settings, current.lease.member, current.claim.execution, current.aws,
                     reserved=[str(name) for name in state.get(RESERVED) or ()])
+        # (the reservations now live in the scope, spent as calls are made: a state saved later gets back
+        # only what is left, through quota_waits.with_unspent)
+        state = {name: value for name, value in state.items() if name != RESERVED}
         current.ctx = PhaseContext(held=current.held, state=state, aws=current.aws,
                                    default_region=self.settings.aws_region or "us-east-1", log=log,
                                    max_rows=self.settings.max_rows)
@@ -290,6 +293,7 @@ class Runner:
 
     def _failure(self, exc: Exception, state: Mapping[str, Any], attempts: int, retries: int) -> Advance | End:
         error = classify(exc)
+        state = with_unspent(state)  # (the saved state still lists what this phase may have spent)
         waits = int(state.get(THROTTLED, 0))
         wait = capacity_wait(error, state)  # (no capacity under an AWS quota: no retry budget, no bound)
         if wait is not None:
