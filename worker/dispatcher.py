@@ -336,7 +336,8 @@ class Dispatcher:
         """One page of a project's executions, newest first, and the cursor of the next page (None: last).
 
         The cursor is the last execution id of the page; an expired one still places the next page by
-        the time its id encodes.
+        the time its id encodes (to the millisecond): nothing older is skipped, and executions created in
+        that same millisecond may show again.
         """
         key = self.store.keys.by_project(project)
         start = self._page_start(key, cursor)
@@ -364,7 +365,9 @@ class Dispatcher:
         if rank is not None:
             return int(rank) + 1
         created = _id_time(cursor)
-        return int(self.client.zcount(key, created, "+inf")) if created is not None else 0
+        # (a listing score is the submit's own clock, at or after the millisecond its id encodes: only
+        # what came in a later millisecond is surely newer than the cursor)
+        return int(self.client.zcount(key, created + 0.001, "+inf")) if created is not None else 0
 
     def project_of(self, execution_id: str) -> str:
         """The project an execution belongs to (one HGET); ExecutionNotFound when unknown or expired."""

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from worker import sandbox
-from worker.dispatcher import Dispatcher, JobInvalid, Unavailable
+from worker.dispatcher import Dispatcher, JobInvalid, Unavailable, _id_time
 from worker.settings import Settings
 
 JOB = {"steps": [{"type": "core.echo", "params": {"n": 1}}]}
@@ -63,8 +63,14 @@ def test_pages_follow_the_cursor_even_past_an_expired_one(dispatcher: Dispatcher
         if cursor is None:
             break
     assert seen == ids[::-1]
-    # The cursor's execution left the listing: the next page still starts after it
+    # The cursor's execution left the listing: the next page still skips nothing older than it (those
+    # created in its millisecond may show again: seven submits often share one)
     dispatcher.store.forget(ids[4], "default")
-    items, _ = dispatcher.page("default", cursor=ids[4], limit=2)
-    assert [v.id for v in items] == [ids[3], ids[2]]
+    items, _ = dispatcher.page("default", cursor=ids[4], limit=7)
+    shown = [v.id for v in items]
+    assert shown[-4:] == [ids[3], ids[2], ids[1], ids[0]]
+    assert all(_id_time(i) == _id_time(ids[4]) for i in shown[:-4])
+    # And a cursor from a later millisecond than every execution starts at the newest
+    later = dispatcher.page("default", cursor="7ZZZZZZZZZ" + "0" * 16, limit=1)[0]
+    assert [v.id for v in later] == [ids[6]]
     assert dispatcher.project_of(ids[0]) == "default"
