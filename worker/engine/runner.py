@@ -216,7 +216,6 @@ class Runner:
         next_state = {**current.ctx.state, **outcome.state}
         next_state.pop(THROTTLED, None)
         next_state.pop(CAPACITY, None)
-        next_state.pop(RESERVED, None)
         if current.ctx.position:
             next_state[ROWS_AT] = current.ctx.position
         return Advance(next_state, self._poll_delay(outcome.after, polls), 0, watch=outcome.watch,
